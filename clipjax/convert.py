@@ -1,0 +1,544 @@
+"""PyTorch CLIP checkpoints (OpenAI, OpenCLIP, Hugging Face) <-> clipjax parameters.
+
+Conversion is a table: for each torch key, the clipjax parameter path and one of a few
+layout changes (transpose a Linear, HWIO a convolution, split attention into heads).
+The table is built from the architecture's config, so every key and every shape is
+checked, and the reverse direction is the same table read backwards.
+"""
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from clipjax.models import variants
+from clipjax.models.clip import abstract_params, create_model
+
+# Keys that carry no parameters: OpenAI's scalar metadata, registered buffers, BN counters.
+_IGNORED = re.compile(r"(^|\.)(input_resolution|context_length|vocab_size|attn_mask|"
+                      r"position_ids|num_batches_tracked)$")
+_OPENAI_MARKER = "input_resolution"  # only OpenAI's own archives carry it
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match the architecture it is converted to."""
+
+
+# Layout changes, written with array methods only so they run on numpy arrays and on
+# jax.eval_shape tracers (how the expected torch shapes are derived without allocating).
+def _copy(x, _):
+    return x
+
+
+def _linear(x, _):  # torch Linear [out, in] <-> kernel [in, out]
+    return x.T
+
+
+def _conv(x, _):  # torch OIHW <-> HWIO
+    return x.transpose(2, 3, 1, 0)
+
+
+def _conv_back(x, _):
+    return x.transpose(3, 2, 0, 1)
+
+
+def _in_proj(x, heads):  # [3D, D] <-> [D, 3, H, K]
+    d = x.shape[-1]
+    return x.reshape(3, heads, d // heads, d).transpose(3, 0, 1, 2)
+
+
+def _in_proj_back(x, _):
+    d = x.shape[0]
+    return x.transpose(1, 2, 3, 0).reshape(3 * d, d)
+
+
+def _in_bias(x, heads):  # [3D] <-> [3, H, K]
+    return x.reshape(3, heads, -1)
+
+
+def _flat(x, _):
+    return x.reshape(-1)
+
+
+def _out_proj(x, heads):  # [D, D] (out, in) <-> [H, K, D]
+    return x.T.reshape(heads, -1, x.shape[0])
+
+
+def _out_proj_back(x, _):
+    h, k, d = x.shape
+    return x.reshape(h * k, d).T
+
+
+_INVERSE: dict[Callable, Callable] = {_copy: _copy, _linear: _linear, _conv: _conv_back,
+                                      _in_proj: _in_proj_back, _in_bias: _flat,
+                                      _out_proj: _out_proj_back}
+
+# (torch key, clipjax path, layout change, attention heads)
+Rule = tuple[str, str, Callable, int]
+
+
+def _block_rules(torch_prefix: str, path: str, heads: int, hf: bool) -> list[Rule]:
+    """The rules of one pre-LN residual block in OpenAI/OpenCLIP or Hugging Face naming."""
+    t, p = torch_prefix, path
+    if hf:
+        rules = [(f"{t}layer_norm1.weight", f"{p}/ln_1/scale", _copy, 0),
+                 (f"{t}layer_norm1.bias", f"{p}/ln_1/bias", _copy, 0),
+                 (f"{t}self_attn.out_proj.weight", f"{p}/attn/out_proj_kernel", _out_proj, heads),
+                 (f"{t}self_attn.out_proj.bias", f"{p}/attn/out_proj_bias", _copy, 0),
+                 (f"{t}layer_norm2.weight", f"{p}/ln_2/scale", _copy, 0),
+                 (f"{t}layer_norm2.bias", f"{p}/ln_2/bias", _copy, 0),
+                 (f"{t}mlp.fc1.weight", f"{p}/mlp/c_fc/kernel", _linear, 0),
+                 (f"{t}mlp.fc1.bias", f"{p}/mlp/c_fc/bias", _copy, 0),
+                 (f"{t}mlp.fc2.weight", f"{p}/mlp/c_proj/kernel", _linear, 0),
+                 (f"{t}mlp.fc2.bias", f"{p}/mlp/c_proj/bias", _copy, 0)]
+        # q, k and v are separate Linears there; _hf_fuse_qkv joins them first.
+        return rules + [(f"{t}self_attn.in_proj_weight", f"{p}/attn/in_proj_kernel", _in_proj, heads),
+                        (f"{t}self_attn.in_proj_bias", f"{p}/attn/in_proj_bias", _in_bias, heads)]
+    rules = []
+    for i in (1, 2):
+        rules += [(f"{t}ln_{i}.weight", f"{p}/ln_{i}/scale", _copy, 0),
+                  (f"{t}ln_{i}.bias", f"{p}/ln_{i}/bias", _copy, 0)]
+    return rules + [
+        (f"{t}attn.in_proj_weight", f"{p}/attn/in_proj_kernel", _in_proj, heads),
+        (f"{t}attn.in_proj_bias", f"{p}/attn/in_proj_bias", _in_bias, heads),
+        (f"{t}attn.out_proj.weight", f"{p}/attn/out_proj_kernel", _out_proj, heads),
+        (f"{t}attn.out_proj.bias", f"{p}/attn/out_proj_bias", _copy, 0),
+        (f"{t}mlp.c_fc.weight", f"{p}/mlp/c_fc/kernel", _linear, 0),
+        (f"{t}mlp.c_fc.bias", f"{p}/mlp/c_fc/bias", _copy, 0),
+        (f"{t}mlp.c_proj.weight", f"{p}/mlp/c_proj/kernel", _linear, 0),
+        (f"{t}mlp.c_proj.bias", f"{p}/mlp/c_proj/bias", _copy, 0)]
+
+
+def _conv_bn_rules(t: str, p: str, conv: str, bn: str, jconv: str, jbn: str) -> list[Rule]:
+    return [(f"{t}{conv}.weight", f"{p}/{jconv}/kernel", _conv, 0),
+            (f"{t}{bn}.weight", f"{p}/{jbn}/scale", _copy, 0),
+            (f"{t}{bn}.bias", f"{p}/{jbn}/bias", _copy, 0),
+            (f"{t}{bn}.running_mean", f"{p}/{jbn}/mean", _copy, 0),
+            (f"{t}{bn}.running_var", f"{p}/{jbn}/var", _copy, 0)]
+
+
+def _resnet_rules(v: variants.VisionConfig) -> list[Rule]:
+    rules = []
+    for i in (1, 2, 3):
+        rules += _conv_bn_rules("visual.", "visual", f"conv{i}", f"bn{i}", f"conv{i}", f"bn{i}")
+    inplanes = v.width
+    for stage, (blocks, planes) in enumerate(zip(v.layers, [v.width * 2**s for s in range(4)]), 1):
+        for j in range(blocks):
+            t, p = f"visual.layer{stage}.{j}.", f"visual/layer{stage}_{j}"
+            for i in (1, 2, 3):
+                rules += _conv_bn_rules(t, p, f"conv{i}", f"bn{i}", f"conv{i}", f"bn{i}")
+            if (stage > 1 and j == 0) or inplanes != planes * 4:
+                rules += _conv_bn_rules(t, p, "downsample.0", "downsample.1", "downsample_0",
+                                        "downsample_1")
+            inplanes = planes * 4
+    rules.append(("visual.attnpool.positional_embedding", "visual/attnpool/positional_embedding",
+                  _copy, 0))
+    for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
+        rules += [(f"visual.attnpool.{proj}.weight", f"visual/attnpool/{proj}/kernel", _linear, 0),
+                  (f"visual.attnpool.{proj}.bias", f"visual/attnpool/{proj}/bias", _copy, 0)]
+    return rules
+
+
+def rules(config: variants.ClipConfig, layout: str = "openclip") -> list[Rule]:
+    """The full key table of `config` in the "openclip" (also OpenAI's) or "hf" layout."""
+    v, t = config.vision, config.text
+    hf = layout == "hf"
+    if layout not in ("openclip", "hf"):
+        raise ValueError(f"Unknown layout {layout!r}; choose 'openclip' or 'hf'.")
+    if hf and v.is_resnet:
+        raise ConversionError("Hugging Face's CLIPModel has no ResNet image tower; convert RN "
+                              "checkpoints from OpenAI or OpenCLIP files instead.")
+    out: list[Rule] = [("logit_scale", "logit_scale", _copy, 0)]
+    if config.init_logit_bias is not None:
+        out.append(("logit_bias", "logit_bias", _copy, 0))
+    if hf:
+        ve, te = "vision_model.", "text_model."
+        out += [(f"{ve}embeddings.patch_embedding.weight", "visual/conv1_kernel", _conv, 0),
+                (f"{ve}embeddings.class_embedding", "visual/class_embedding", _copy, 0),
+                (f"{ve}embeddings.position_embedding.weight", "visual/positional_embedding", _copy, 0),
+                (f"{ve}pre_layrnorm.weight", "visual/ln_pre/scale", _copy, 0),  # sic, HF's name
+                (f"{ve}pre_layrnorm.bias", "visual/ln_pre/bias", _copy, 0),
+                (f"{ve}post_layernorm.weight", "visual/ln_post/scale", _copy, 0),
+                (f"{ve}post_layernorm.bias", "visual/ln_post/bias", _copy, 0),
+                ("visual_projection.weight", "visual/proj", _linear, 0),
+                (f"{te}embeddings.token_embedding.weight", "text/token_embedding", _copy, 0),
+                (f"{te}embeddings.position_embedding.weight", "text/positional_embedding", _copy, 0),
+                (f"{te}final_layer_norm.weight", "text/ln_final/scale", _copy, 0),
+                (f"{te}final_layer_norm.bias", "text/ln_final/bias", _copy, 0),
+                ("text_projection.weight", "text/text_projection", _linear, 0)]
+        for i in range(v.layers):
+            out += _block_rules(f"{ve}encoder.layers.{i}.", f"visual/transformer/resblocks_{i}",
+                                v.heads, hf=True)
+        for i in range(t.layers):
+            out += _block_rules(f"{te}encoder.layers.{i}.", f"text/transformer/resblocks_{i}",
+                                t.heads, hf=True)
+        return out
+    out += [("token_embedding.weight", "text/token_embedding", _copy, 0),
+            ("positional_embedding", "text/positional_embedding", _copy, 0),
+            ("ln_final.weight", "text/ln_final/scale", _copy, 0),
+            ("ln_final.bias", "text/ln_final/bias", _copy, 0),
+            ("text_projection", "text/text_projection", _copy, 0)]
+    for i in range(t.layers):
+        out += _block_rules(f"transformer.resblocks.{i}.", f"text/transformer/resblocks_{i}",
+                            t.heads, hf=False)
+    if v.is_resnet:
+        return out + _resnet_rules(v)
+    out += [("visual.conv1.weight", "visual/conv1_kernel", _conv, 0),
+            ("visual.class_embedding", "visual/class_embedding", _copy, 0),
+            ("visual.positional_embedding", "visual/positional_embedding", _copy, 0),
+            ("visual.ln_pre.weight", "visual/ln_pre/scale", _copy, 0),
+            ("visual.ln_pre.bias", "visual/ln_pre/bias", _copy, 0),
+            ("visual.ln_post.weight", "visual/ln_post/scale", _copy, 0),
+            ("visual.ln_post.bias", "visual/ln_post/bias", _copy, 0),
+            ("visual.proj", "visual/proj", _copy, 0)]
+    for i in range(v.layers):
+        out += _block_rules(f"visual.transformer.resblocks.{i}.",
+                            f"visual/transformer/resblocks_{i}", v.heads, hf=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Nested-dict helpers and the scanned (layer-stacked) form.
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+_BLOCK = re.compile(r"^(.*/transformer)/resblocks_(\d+)/(.*)$")
+
+
+def stack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-block paths `.../resblocks_i/x` -> one stacked `.../resblocks/x` (scan layout)."""
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for key, v in flat.items():
+        m = _BLOCK.match(key)
+        if m:
+            groups.setdefault(f"{m[1]}/resblocks/{m[3]}", {})[int(m[2])] = v
+        else:
+            out[key] = v
+    for key, by_layer in groups.items():
+        out[key] = np.stack([np.asarray(by_layer[i]) for i in range(len(by_layer))])
+    return out
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of stack_layers."""
+    out = {}
+    for key, v in flat.items():
+        if "/transformer/resblocks/" in key:
+            head, tail = key.split("/resblocks/")
+            for i in range(v.shape[0]):
+                out[f"{head}/resblocks_{i}/{tail}"] = v[i]
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# State dicts.
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; bf16/fp16 go through float32
+        x = x.detach().cpu()
+        if not x.is_floating_point():
+            return x.numpy()
+        return x.float().numpy()
+    return np.asarray(x)
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """"hf" for Hugging Face CLIPModel keys, else "openclip" (OpenAI's layout too)."""
+    return "hf" if any(k.startswith(("vision_model.", "text_model.")) for k in state_dict) else "openclip"
+
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop DDP's `module.` prefix and the keys that hold no parameters."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]  # OpenCLIP training checkpoints
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.")
+        if not _IGNORED.search(k):
+            out[k] = v
+    return out
+
+
+def _hf_fuse_qkv(sd: dict[str, Any]) -> dict[str, Any]:
+    """Join Hugging Face's separate q/k/v projections into torch MHA's in_proj."""
+    out = dict(sd)
+    for key in [k for k in sd if k.endswith("self_attn.q_proj.weight")]:
+        base = key[: -len("q_proj.weight")]
+        for kind in ("weight", "bias"):
+            parts = [f"{base}{n}_proj.{kind}" for n in "qkv"]
+            if all(p in sd for p in parts):
+                out[f"{base}in_proj_{kind}"] = np.concatenate([_to_numpy(sd[p]) for p in parts])
+                for p in parts:
+                    del out[p]
+    return out
+
+
+def _hf_split_qkv(sd: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^(.*self_attn\.)in_proj_(weight|bias)$", k)
+        if m:
+            for name, part in zip("qkv", np.split(v, 3)):
+                out[f"{m[1]}{name}_proj.{m[2]}"] = part
+        else:
+            out[k] = v
+    return out
+
+
+def _check_keys(sd: Mapping[str, Any], table: list[Rule], expected: Mapping[str, tuple],
+                arch: str) -> None:
+    want = {r[0] for r in table}
+    missing = sorted(want - sd.keys())
+    unexpected = sorted(sd.keys() - want)
+    misshaped = [f"{k} {tuple(np.shape(sd[k]))} (expected {expected[k]})" for k in sorted(want & sd.keys())
+                 if tuple(np.shape(sd[k])) != expected[k]]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+            problems.append(f"{len(items)} {label}: {shown}")
+    if problems:
+        raise ConversionError(f"This state dict does not match {arch}: " + "; ".join(problems)
+                              + ". Check the --arch name (or let it be inferred) and that the file "
+                              "is a CLIP checkpoint.")
+
+
+def torch_shapes(arch: str, layout: str = "openclip") -> dict[str, tuple[int, ...]]:
+    """The reference key -> shape map of `arch`, derived without allocating anything."""
+    config = variants.get_config(arch)
+    table = rules(config, layout)
+    flat = _flatten(abstract_params(create_model(arch)))
+    shapes = {}
+    for key, path, fn, heads in table:
+        back = _INVERSE[fn]
+        shapes[key] = tuple(jax.eval_shape(lambda x: back(x, heads), flat[path]).shape)
+    if layout == "hf":
+        shapes = {k: v for k, v in _hf_split_qkv({k: np.empty(s, np.int8) if "in_proj" in k else s
+                                                  for k, s in shapes.items()}).items()}
+        shapes = {k: (v.shape if isinstance(v, np.ndarray) else v) for k, v in shapes.items()}
+    return shapes
+
+
+def from_torch(state_dict: Mapping[str, Any], arch: str, scan: bool = False) -> dict:
+    """An OpenAI / OpenCLIP / Hugging Face state dict -> clipjax params (float32).
+
+    Every key is accounted for and every shape checked; problems are reported together.
+    `scan=True` stacks the transformer blocks for `create_model(arch, scan=True)`.
+    """
+    config = variants.get_config(arch)
+    sd = clean_state_dict(state_dict)
+    layout = detect_layout(sd)
+    table = rules(config, layout)
+    expected = torch_shapes(arch, layout)
+    if layout == "hf":
+        _check_keys(sd, [(k, "", _copy, 0) for k in expected], expected, arch)
+        sd = _hf_fuse_qkv(sd)
+        expected = {r[0]: _fused_shape(r[0], expected) for r in table}
+    _check_keys(sd, table, expected, arch)
+    flat = {path: np.asarray(fn(_to_numpy(sd[key]), heads), np.float32)
+            for key, path, fn, heads in table}
+    if scan:
+        flat = stack_layers(flat)
+    return _unflatten(flat)
+
+
+def _fused_shape(key: str, split_shapes: Mapping[str, tuple]) -> tuple:
+    if key.endswith("in_proj_weight"):
+        d = split_shapes[key.replace("in_proj_weight", "q_proj.weight")][1]
+        return (3 * d, d)
+    if key.endswith("in_proj_bias"):
+        return (3 * split_shapes[key.replace("in_proj_bias", "q_proj.bias")][0],)
+    return split_shapes[key]
+
+
+def to_torch(params: Mapping, arch: str, layout: str = "openclip") -> dict[str, np.ndarray]:
+    """clipjax params -> a state dict of numpy arrays in OpenCLIP's (or HF's) layout."""
+    config = variants.get_config(arch)
+    flat = unstack_layers(_flatten(params))
+    table = rules(config, layout)
+    paths = {r[1] for r in table}
+    ignored = {k for k in flat if re.search(r"/(mean|var)$", k)} if layout == "hf" else set()
+    extra = sorted(set(flat) - paths - ignored)
+    missing = sorted(paths - set(flat))
+    if extra or missing:
+        raise ConversionError(f"These params do not match {arch}: missing {missing[:20]}, "
+                              f"unexpected {extra[:20]}.")
+    sd = {key: np.ascontiguousarray(_INVERSE[fn](np.asarray(flat[path]), heads))
+          for key, path, fn, heads in table}
+    return _hf_split_qkv(sd) if layout == "hf" else sd
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture inference and files.
+
+def infer_arch(state_dict: Mapping[str, Any]) -> str:
+    """The table's architecture whose every key and shape matches (tiny sizes included).
+
+    OpenAI's own archives get "-quickgelu", the activation their weights were trained with.
+    """
+    sd = clean_state_dict(state_dict)
+    layout = detect_layout(sd)
+    shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
+    for name, config in variants.VARIANTS.items():
+        if layout == "hf" and config.vision.is_resnet:
+            continue
+        if _quick_match(sd, config, layout) and torch_shapes(name, layout) == shapes:
+            return name + (variants.QUICKGELU_SUFFIX if _OPENAI_MARKER in state_dict else "")
+    raise ConversionError("The checkpoint matches no known architecture; pass --arch with one of "
+                          f"{', '.join(variants.names())}.")
+
+
+def _quick_match(sd: Mapping[str, Any], config: variants.ClipConfig, layout: str) -> bool:
+    """A cheap filter on two shapes before the full comparison."""
+    key = "text_model.embeddings.position_embedding.weight" if layout == "hf" else "positional_embedding"
+    proj = "text_projection.weight" if layout == "hf" else "text_projection"
+    if key not in sd or proj not in sd:
+        return False
+    embed = np.shape(sd[proj])[0 if layout == "hf" else 1]
+    return (np.shape(sd[key])[0] == config.text.context_length and embed == config.embed_dim)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict, metadata) from a .pt/.pth/.bin (pickle or TorchScript), a .safetensors
+    file, or a Hugging Face model folder. Metadata holds "activation" when the file says."""
+    path = Path(path)
+    meta: dict[str, Any] = {}
+    if path.is_dir():
+        for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                     "open_clip_pytorch_model.bin"):
+            if (path / name).exists():
+                sd, meta = read_state_dict(path / name)
+                break
+        else:
+            raise FileNotFoundError(f"No checkpoint file in folder {path}: expected "
+                                    "model.safetensors, open_clip_model.safetensors or "
+                                    "pytorch_model.bin.")
+        return sd, meta
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; give the path of a .pt, "
+                                ".bin or .safetensors file, or a Hugging Face model folder.")
+    hf_config = path.parent / "config.json"
+    if hf_config.exists():
+        try:
+            cfg = json.loads(hf_config.read_text())
+            act = cfg.get("text_config", {}).get("hidden_act") or cfg.get("hidden_act")
+            if act:
+                meta["activation"] = "quick_gelu" if act == "quick_gelu" else "gelu"
+        except (ValueError, AttributeError):
+            pass
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="numpy") as f:
+            meta.update(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"Reading {path.name} needs PyTorch: `pip install 'clipjax[torch]'`, or "
+                          "give a .safetensors file instead.") from e
+    if _is_torchscript(path):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        meta["activation"] = "quick_gelu"  # only OpenAI published TorchScript CLIP archives
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return dict(sd), meta
+
+
+def load_torch_checkpoint(path: str | os.PathLike, arch: str | None = None,
+                          scan: bool = False) -> tuple[str, dict]:
+    """(architecture name, clipjax params) from a PyTorch CLIP checkpoint file or folder.
+
+    Without `arch` it is inferred from the shapes. OpenAI archives and Hugging Face configs
+    that name QuickGELU yield the "-quickgelu" name, so the model built from it matches.
+    """
+    sd, meta = read_state_dict(path)
+    sd = clean_state_dict(sd)
+    quick = meta.get("activation") == "quick_gelu" or _OPENAI_MARKER in sd
+    if arch is None:
+        arch = infer_arch(sd).removesuffix(variants.QUICKGELU_SUFFIX)
+    else:
+        variants.get_config(arch)  # an unknown name fails here, listing the valid ones
+    if quick and not arch.endswith(variants.QUICKGELU_SUFFIX):
+        arch += variants.QUICKGELU_SUFFIX
+    base = arch.removesuffix(variants.QUICKGELU_SUFFIX)
+    return arch, from_torch(sd, base, scan=scan)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, renamed on success only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_params(path: str | os.PathLike, params: Mapping, arch: str) -> None:
+    """clipjax params -> a .safetensors file whose metadata records the architecture."""
+    from safetensors.numpy import save_file
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flatten(params).items()}
+    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata={"format": "clipjax",
+                                                                         "arch": arch}))
+
+
+def load_params(path: str | os.PathLike) -> tuple[str, dict]:
+    """(architecture name, params) from a file written by save_params."""
+    sd, meta = read_state_dict(path)
+    if meta.get("format") != "clipjax":
+        raise ConversionError(f"{path} is not a clipjax parameter file; convert it first with "
+                              f"`clipjax convert {path} OUT.safetensors`.")
+    return meta["arch"], _unflatten(sd)
+
+
+def save_torch(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
+    """A state dict -> .safetensors (no torch needed) or .pt (torch tensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+        _atomic_write(path, lambda tmp: save_file(dict(state_dict), tmp))
+        return
+    import torch
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))

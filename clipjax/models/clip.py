@@ -1,0 +1,106 @@
+"""The two-tower CLIP model: encode_image, encode_text, logit_scale (and optional bias)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clipjax.models import layers
+from clipjax.models.layers import Dtype
+from clipjax.models.resnet import ModifiedResNet
+from clipjax.models.text import TextTransformer
+from clipjax.models.variants import ClipConfig, get_config
+from clipjax.models.vit import VisionTransformer
+
+
+def _normalize(x_BE: jax.Array) -> jax.Array:
+    x32 = x_BE.astype(jnp.float32)
+    return x32 / jnp.linalg.norm(x32, axis=-1, keepdims=True)
+
+
+class CLIP(nn.Module):
+    """Image tower under `visual/`, text tower under `text/`, scalars at the top."""
+
+    config: ClipConfig
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+    train: bool = False  # only BatchNorm (ResNet towers) behaves differently
+
+    def setup(self):
+        c, v, t = self.config, self.config.vision, self.config.text
+        if v.is_resnet:
+            self.visual = ModifiedResNet(v.image_size, tuple(v.layers), v.width, v.heads,
+                                         c.embed_dim, self.dtype, self.train)
+        else:
+            self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
+                                            v.mlp_dim, c.embed_dim, c.activation, self.dtype,
+                                            self.scan, self.remat)
+        self.text = TextTransformer(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
+                                    c.embed_dim, c.activation, self.dtype, self.scan, self.remat)
+        self.logit_scale = layers.param_with_axes(
+            self, "logit_scale", nn.initializers.constant(c.init_logit_scale), (), ())
+        if c.init_logit_bias is not None:
+            self.logit_bias = layers.param_with_axes(
+                self, "logit_bias", nn.initializers.constant(c.init_logit_bias), (), ())
+
+    def encode_image(self, img_BHWC: jax.Array, normalize: bool = False) -> jax.Array:
+        out_BE = self.visual(img_BHWC)
+        return _normalize(out_BE) if normalize else out_BE
+
+    def encode_text(self, tokens_BL: jax.Array, normalize: bool = False) -> jax.Array:
+        out_BE = self.text(tokens_BL)
+        return _normalize(out_BE) if normalize else out_BE
+
+    def image_features(self, img_BHWC: jax.Array):
+        """(embedding, {"blocks"/"tokens"} for a ViT or {"stem", "layer1".."layer4"} for a ResNet)."""
+        return self.visual(img_BHWC, return_features=True)
+
+    def text_features(self, tokens_BL: jax.Array):
+        """(embedding, {"blocks": [layers, B, L, D], "tokens": [B, L, D] after ln_final})."""
+        return self.text(tokens_BL, return_features=True)
+
+    def __call__(self, img_BHWC: jax.Array, tokens_BL: jax.Array):
+        """Normalised image and text embeddings and the logit scale (and bias, if any)."""
+        bias = self.logit_bias if self.config.init_logit_bias is not None else None
+        return (self.encode_image(img_BHWC, normalize=True),
+                self.encode_text(tokens_BL, normalize=True), self.logit_scale, bias)
+
+
+def create_model(name: str, dtype: Dtype = jnp.float32, scan: bool = False, remat: str = "none",
+                 **overrides) -> CLIP:
+    """A CLIP module by architecture name ("ViT-B-32", "RN50-quickgelu", "ViT-tiny", ...).
+
+    `dtype` is the compute dtype of matmuls and convolutions (parameters stay float32;
+    softmax and layer norms run in float32); `overrides` replace ClipConfig fields.
+    """
+    if remat not in layers.REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {remat!r}; choose one of "
+                         f"{', '.join(layers.REMAT_POLICIES)}.")
+    config = get_config(name)
+    if overrides:
+        import dataclasses
+        config = dataclasses.replace(config, **overrides)
+    return CLIP(config, dtype=jnp.dtype(dtype), scan=scan, remat=remat)
+
+
+def dummy_inputs(model: CLIP, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    v, t = model.config.vision, model.config.text
+    return (jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32),
+            jnp.zeros((batch, t.context_length), jnp.int32))
+
+
+def init_params(model: CLIP, rng: jax.Array):
+    """Plain (unboxed) float32 parameters for `model`."""
+    return nn.meta.unbox(jax.jit(model.init)(rng, *dummy_inputs(model))["params"])
+
+
+def abstract_params(model: CLIP):
+    """Parameter shapes and dtypes without allocating anything (jax.eval_shape)."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
+    return nn.meta.unbox(boxed)
+
+
+def logical_axes(model: CLIP):
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
+    return nn.get_partition_spec(boxed)

@@ -1,0 +1,181 @@
+"""Shared building blocks: attention, MLP, pre-LN residual block, transformer stack."""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names carried by every parameter; sharding.py maps them to mesh axes.
+EMBED = "embed"  # D: residual width
+MLP = "mlp"  # F: MLP hidden width
+HEADS = "heads"  # H
+KV = "kv"  # K: head dim
+QKV = "qkv"  # the 3 of a fused query/key/value projection
+VOCAB = "vocab"
+JOINT = "joint"  # E: joint embedding width
+POSITIONS = "positions"
+LAYERS = "layers"  # the stacked axis of a scanned transformer
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+CONV_SPATIAL = "conv_spatial"
+
+
+def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
+                    axes: Sequence[str | None], dtype: Dtype = jnp.float32) -> jax.Array:
+    """A parameter annotated with logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """The sigmoid approximation of GELU that OpenAI's released CLIP weights were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)  # torch.nn.GELU's default is the erf form
+
+
+ACTIVATIONS = {"gelu": exact_gelu, "quick_gelu": quick_gelu}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype, cast back afterwards."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), (EMBED,))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), (EMBED,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias over the last axis, with logical axes and a compute dtype."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                                 self.axes)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                    self.axes[1:]).astype(self.dtype)
+        return y
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused [D, 3, H, K] projection (torch's in_proj, reshaped)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BND: jax.Array, causal: bool = False) -> jax.Array:
+        d = x_BND.shape[-1]
+        h = self.num_heads
+        k = d // h
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2, 3))
+        w_DTHK = param_with_axes(self, "in_proj_kernel", init, (d, 3, h, k), (EMBED, QKV, HEADS, KV))
+        b_THK = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (3, h, k),
+                                (QKV, HEADS, KV))
+        qkv_BNTHK = jnp.einsum("bnd,dthk->bnthk", x_BND.astype(self.dtype), w_DTHK.astype(self.dtype))
+        qkv_BNTHK = qkv_BNTHK + b_THK.astype(self.dtype)
+        q_BNHK, k_BNHK, v_BNHK = (qkv_BNTHK[:, :, i] for i in range(3))
+        o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal)
+        out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        w_HKD = param_with_axes(self, "out_proj_kernel", out_init, (h, k, d), (HEADS, KV, EMBED))
+        b_D = param_with_axes(self, "out_proj_bias", nn.initializers.zeros, (d,), (EMBED,))
+        y_BND = jnp.einsum("bnhk,hkd->bnd", o_BNHK, w_HKD.astype(self.dtype))
+        return y_BND + b_D.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """c_fc -> activation -> c_proj, named as in the CLIP checkpoints."""
+
+    hidden: int
+    activation: str = "gelu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BND: jax.Array) -> jax.Array:
+        d = x_BND.shape[-1]
+        h_BNF = Dense(self.hidden, (EMBED, MLP), dtype=self.dtype, name="c_fc")(x_BND)
+        h_BNF = ACTIVATIONS[self.activation](h_BNF)
+        return Dense(d, (MLP, EMBED), dtype=self.dtype, name="c_proj")(h_BNF)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    emit_features: bool = False
+
+    @nn.compact
+    def __call__(self, x_BND: jax.Array, _=None) -> tuple[jax.Array, jax.Array | None]:
+        y = LayerNorm(name="ln_1")(x_BND)
+        x_BND = x_BND + MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal)
+        y = LayerNorm(name="ln_2")(x_BND)
+        x_BND = x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
+        # A scan body: the second output is stacked over layers, so emit it only on request.
+        return x_BND, (x_BND if self.emit_features else None)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks, optionally scanned over layers and rematerialised.
+
+    Returns the final tokens and, when `return_all`, every block's output stacked as
+    [layers, B, N, D] (the features later heads read).
+    """
+
+    layers: int
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x_BND: jax.Array, return_all: bool = False):
+        block = ResidualBlock
+        if self.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
+                      causal=self.causal, dtype=self.dtype, emit_features=return_all)
+        if self.scan:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=self.layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+            x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, None)
+            return x_BND, (all_LBND if return_all else None)
+        features = []
+        for i in range(self.layers):
+            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, None)
+            features.append(feature_BND)
+        return x_BND, (jnp.stack(features) if return_all else None)
