@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clipjax.models import layers
 from clipjax.models.layers import Dtype
@@ -98,6 +99,21 @@ def abstract_params(model: CLIP):
     """Parameter shapes and dtypes without allocating anything (jax.eval_shape)."""
     boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
     return nn.meta.unbox(boxed)
+
+
+def count_params(params, prefix: str = "") -> int:
+    """Trainable parameters under `prefix` ("visual", "text" or all), as torch counts them.
+
+    BatchNorm running statistics live in the params tree (see resnet.BatchNorm) but are
+    buffers in torch, so they are left out.
+    """
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        # Only BatchNorm has leaves named mean/var.
+        if keys[0].startswith(prefix) and keys[-1] not in ("mean", "var"):
+            total += int(np.prod(leaf.shape))
+    return total
 
 
 def logical_axes(model: CLIP):

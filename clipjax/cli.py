@@ -1,0 +1,109 @@
+"""The `clipjax` command; each subcommand is a thin wrapper over an importable function."""
+
+import argparse
+import functools
+import sys
+
+import jax
+
+from clipjax.models import variants
+
+
+def model_info(arch: str) -> dict:
+    """Parameter counts per tower and forward GFLOPs per image and per caption.
+
+    FLOPs come from XLA's cost analysis of the lowered encoders (a multiply-add counts
+    as 2), from abstract shapes only: nothing is allocated, so the largest models work.
+    """
+    from clipjax.models.clip import abstract_params, count_params, create_model, dummy_inputs
+
+    model = create_model(arch)
+    params = abstract_params(model)
+    img, tok = dummy_inputs(model)
+
+    def gflops(method: str, x) -> float:
+        fn = jax.jit(functools.partial(model.apply, method=method))
+        cost = fn.lower({"params": params}, jax.ShapeDtypeStruct(x.shape, x.dtype)).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return cost["flops"] / 1e9
+
+    config = variants.get_config(arch)
+    return {"arch": arch, "image_size": config.vision.image_size,
+            "params_image": count_params(params, "visual"), "params_text": count_params(params, "text"),
+            "params_total": count_params(params),
+            "gflops_image": gflops("encode_image", img), "gflops_text": gflops("encode_text", tok)}
+
+
+def _info(args) -> None:
+    archs = args.arch or [n for n in variants.VARIANTS if "tiny" not in n]
+    rows = [model_info(a) for a in archs]
+    print(f"{'arch':<14}{'image':>6}{'params image':>14}{'params text':>13}{'total':>10}"
+          f"{'GFLOPs/image':>14}{'GFLOPs/caption':>16}")
+    for r in rows:
+        print(f"{r['arch']:<14}{r['image_size']:>6}{r['params_image'] / 1e6:>13.2f}M"
+              f"{r['params_text'] / 1e6:>12.2f}M{r['params_total'] / 1e6:>9.2f}M"
+              f"{r['gflops_image']:>14.2f}{r['gflops_text']:>16.2f}")
+
+
+def _is_clipjax_file(path: str) -> bool:
+    if not path.endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        return (f.metadata() or {}).get("format") == "clipjax"
+
+
+def _convert(args) -> None:
+    from clipjax import convert
+    from clipjax.models.clip import count_params
+
+    if _is_clipjax_file(args.src):  # clipjax -> PyTorch layout
+        arch, params = convert.load_params(args.src)
+        base = arch.removesuffix(variants.QUICKGELU_SUFFIX)
+        layout = "hf" if args.to == "hf" else "openclip"
+        convert.save_torch(args.dst, convert.to_torch(params, base, layout))
+        print(f"Wrote {args.dst}: {arch} in the {layout} layout.")
+        return
+    if args.to not in (None, "clipjax"):
+        raise ValueError(f"{args.src} is already a PyTorch checkpoint; --to {args.to} applies to "
+                         "clipjax parameter files.")
+    arch, params = convert.load_torch_checkpoint(args.src, args.arch)
+    convert.save_params(args.dst, params, arch)
+    print(f"Wrote {args.dst}: {arch}, {count_params(params) / 1e6:.2f}M parameters.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts and GFLOPs of architectures")
+    p.add_argument("arch", nargs="*", choices=variants.names(), metavar="ARCH",
+                   help="architecture names (default: every full-size one)")
+    p.set_defaults(fn=_info)
+
+    p = sub.add_parser("convert", help="PyTorch CLIP checkpoint <-> clipjax parameters",
+                       description="Convert an OpenAI (.pt, TorchScript included), OpenCLIP (.pt, "
+                       ".bin, .safetensors) or Hugging Face (folder or .safetensors) checkpoint to "
+                       "a clipjax .safetensors parameter file; given a clipjax file, convert back.")
+    p.add_argument("src", help="checkpoint file or Hugging Face model folder")
+    p.add_argument("dst", help="output file; written whole or not at all")
+    p.add_argument("--arch", choices=variants.names(), metavar="ARCH",
+                   help="architecture (inferred from the shapes when omitted)")
+    p.add_argument("--to", choices=["clipjax", "openclip", "hf"], default=None,
+                   help="target layout (default: clipjax for a PyTorch source, openclip for a "
+                   "clipjax source)")
+    p.set_defaults(fn=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"clipjax {args.command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
