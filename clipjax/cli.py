@@ -72,12 +72,22 @@ def _convert(args) -> None:
     print(f"Wrote {args.dst}: {arch}, {count_params(params) / 1e6:.2f}M parameters.")
 
 
+def _arch(name: str) -> str:
+    try:
+        variants.get_config(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipjax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipjax", description="CLIP in JAX: model facts and "
+                                     "checkpoint conversion (training and evaluation commands "
+                                     "arrive with later releases).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter counts and GFLOPs of architectures")
-    p.add_argument("arch", nargs="*", choices=variants.names(), metavar="ARCH",
+    p.add_argument("arch", nargs="*", type=_arch, metavar="ARCH",
                    help="architecture names (default: every full-size one)")
     p.set_defaults(fn=_info)
 
@@ -87,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a clipjax .safetensors parameter file; given a clipjax file, convert back.")
     p.add_argument("src", help="checkpoint file or Hugging Face model folder")
     p.add_argument("dst", help="output file; written whole or not at all")
-    p.add_argument("--arch", choices=variants.names(), metavar="ARCH",
+    p.add_argument("--arch", type=_arch, metavar="ARCH",
                    help="architecture (inferred from the shapes when omitted)")
     p.add_argument("--to", choices=["clipjax", "openclip", "hf"], default=None,
                    help="target layout (default: clipjax for a PyTorch source, openclip for a "

@@ -78,7 +78,8 @@ def get_config(name: str) -> ClipConfig:
     """The config for `name`; a "-quickgelu" suffix selects QuickGELU."""
     base = name.removesuffix(QUICKGELU_SUFFIX)
     if base not in VARIANTS:
-        raise ValueError(f"Unknown architecture {name!r}; choose one of: {', '.join(names())}.")
+        raise ValueError(f"Unknown architecture {name!r}; choose one of {', '.join(VARIANTS)} "
+                         f"(each also with the suffix {QUICKGELU_SUFFIX}).")
     config = VARIANTS[base]
     if name.endswith(QUICKGELU_SUFFIX):
         config = dataclasses.replace(config, activation="quick_gelu")
