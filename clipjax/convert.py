@@ -6,6 +6,7 @@ The table is built from the architecture's config, so every key and every shape 
 checked, and the reverse direction is the same table read backwards.
 """
 
+import functools
 import json
 import os
 import re
@@ -263,6 +264,11 @@ def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # State dicts.
 
+def _contiguous(x) -> np.ndarray:
+    # Not np.ascontiguousarray: it returns at least 1-d, and logit_scale must stay 0-d.
+    return np.asarray(x, order="C")
+
+
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor; bf16/fp16 go through float32
         x = x.detach().cpu()
@@ -304,12 +310,14 @@ def _hf_fuse_qkv(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hf_split_qkv(sd: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of _hf_fuse_qkv, with array methods only (see the layout changes)."""
     out = {}
     for k, v in sd.items():
         m = re.match(r"^(.*self_attn\.)in_proj_(weight|bias)$", k)
         if m:
-            for name, part in zip("qkv", np.split(v, 3)):
-                out[f"{m[1]}{name}_proj.{m[2]}"] = part
+            parts = v.reshape(3, v.shape[0] // 3, *v.shape[1:])
+            for i, name in enumerate("qkv"):
+                out[f"{m[1]}{name}_proj.{m[2]}"] = parts[i]
         else:
             out[k] = v
     return out
@@ -333,20 +341,23 @@ def _check_keys(sd: Mapping[str, Any], table: list[Rule], expected: Mapping[str,
                               "is a CLIP checkpoint.")
 
 
+def _to_layout(flat: Mapping[str, Any], table: list[Rule], layout: str) -> dict[str, Any]:
+    sd = {key: _INVERSE[fn](flat[path], heads) for key, path, fn, heads in table}
+    return _hf_split_qkv(sd) if layout == "hf" else sd
+
+
+@functools.cache
+def _torch_shapes(arch: str, layout: str) -> dict[str, tuple[int, ...]]:
+    table = rules(variants.get_config(arch), layout)
+    # The scanned model traces one block per tower instead of all of them (ViT-bigG: 5x).
+    flat = _flatten(abstract_params(create_model(arch, scan=True)))
+    out = jax.eval_shape(lambda f: _to_layout(unstack_layers(f), table, layout), flat)
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
 def torch_shapes(arch: str, layout: str = "openclip") -> dict[str, tuple[int, ...]]:
     """The reference key -> shape map of `arch`, derived without allocating anything."""
-    config = variants.get_config(arch)
-    table = rules(config, layout)
-    flat = _flatten(abstract_params(create_model(arch)))
-    shapes = {}
-    for key, path, fn, heads in table:
-        back = _INVERSE[fn]
-        shapes[key] = tuple(jax.eval_shape(lambda x: back(x, heads), flat[path]).shape)
-    if layout == "hf":
-        shapes = {k: v for k, v in _hf_split_qkv({k: np.empty(s, np.int8) if "in_proj" in k else s
-                                                  for k, s in shapes.items()}).items()}
-        shapes = {k: (v.shape if isinstance(v, np.ndarray) else v) for k, v in shapes.items()}
-    return shapes
+    return dict(_torch_shapes(arch, layout))
 
 
 def from_torch(state_dict: Mapping[str, Any], arch: str, scan: bool = False) -> dict:
@@ -384,18 +395,15 @@ def _fused_shape(key: str, split_shapes: Mapping[str, tuple]) -> tuple:
 def to_torch(params: Mapping, arch: str, layout: str = "openclip") -> dict[str, np.ndarray]:
     """clipjax params -> a state dict of numpy arrays in OpenCLIP's (or HF's) layout."""
     config = variants.get_config(arch)
-    flat = unstack_layers(_flatten(params))
+    flat = unstack_layers({k: np.asarray(v) for k, v in _flatten(params).items()})
     table = rules(config, layout)
     paths = {r[1] for r in table}
-    ignored = {k for k in flat if re.search(r"/(mean|var)$", k)} if layout == "hf" else set()
-    extra = sorted(set(flat) - paths - ignored)
+    extra = sorted(set(flat) - paths)
     missing = sorted(paths - set(flat))
     if extra or missing:
         raise ConversionError(f"These params do not match {arch}: missing {missing[:20]}, "
                               f"unexpected {extra[:20]}.")
-    sd = {key: np.ascontiguousarray(_INVERSE[fn](np.asarray(flat[path]), heads))
-          for key, path, fn, heads in table}
-    return _hf_split_qkv(sd) if layout == "hf" else sd
+    return {k: _contiguous(v) for k, v in _to_layout(flat, table, layout).items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,6 +443,21 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+def _folder_activation(path: Path) -> str | None:
+    """The activation named by the config next to `path`: OpenCLIP's open_clip_config.json
+    for its open_clip_* files, Hugging Face's config.json for the others."""
+    openclip = path.name.startswith("open_clip_")
+    try:
+        cfg = json.loads((path.parent / ("open_clip_config.json" if openclip else "config.json"))
+                         .read_text())
+        if openclip:
+            return "quick_gelu" if cfg["model_cfg"].get("quick_gelu") else "gelu"
+        act = cfg.get("text_config", {}).get("hidden_act") or cfg.get("hidden_act")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return None if act is None else ("quick_gelu" if act == "quick_gelu" else "gelu")
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state dict, metadata) from a .pt/.pth/.bin (pickle or TorchScript), a .safetensors
     file, or a Hugging Face model folder. Metadata holds "activation" when the file says."""
@@ -454,20 +477,17 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint {path} does not exist; give the path of a .pt, "
                                 ".bin or .safetensors file, or a Hugging Face model folder.")
-    hf_config = path.parent / "config.json"
-    if hf_config.exists():
-        try:
-            cfg = json.loads(hf_config.read_text())
-            act = cfg.get("text_config", {}).get("hidden_act") or cfg.get("hidden_act")
-            if act:
-                meta["activation"] = "quick_gelu" if act == "quick_gelu" else "gelu"
-        except (ValueError, AttributeError):
-            pass
+    if activation := _folder_activation(path):
+        meta["activation"] = activation
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="numpy") as f:
-            meta.update(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta.update(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except SafetensorError as e:
+            raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
+                                  "truncated, or another format with the wrong suffix?") from e
     try:
         import torch
     except ImportError as e:
@@ -489,8 +509,9 @@ def load_torch_checkpoint(path: str | os.PathLike, arch: str | None = None,
     that name QuickGELU yield the "-quickgelu" name, so the model built from it matches.
     """
     sd, meta = read_state_dict(path)
-    sd = clean_state_dict(sd)
+    # Before cleaning, which drops the marker with the other non-parameter keys.
     quick = meta.get("activation") == "quick_gelu" or _OPENAI_MARKER in sd
+    sd = clean_state_dict(sd)
     if arch is None:
         arch = infer_arch(sd).removesuffix(variants.QUICKGELU_SUFFIX)
     else:
@@ -518,7 +539,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def save_params(path: str | os.PathLike, params: Mapping, arch: str) -> None:
     """clipjax params -> a .safetensors file whose metadata records the architecture."""
     from safetensors.numpy import save_file
-    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flatten(params).items()}
+    flat = {k: _contiguous(v) for k, v in _flatten(params).items()}
     _atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata={"format": "clipjax",
                                                                          "arch": arch}))
 
@@ -540,5 +561,5 @@ def save_torch(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) ->
         _atomic_write(path, lambda tmp: save_file(dict(state_dict), tmp))
         return
     import torch
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tensors = {k: torch.from_numpy(_contiguous(v)) for k, v in state_dict.items()}
     _atomic_write(path, lambda tmp: torch.save(tensors, tmp))

@@ -38,3 +38,10 @@ def torchvision_transforms():
     _torchvision_without_ops()
     import torchvision.transforms as T
     return T
+
+
+def hf_clip():
+    """Hugging Face's (CLIPModel, CLIPConfig); transformers also imports torchvision."""
+    _torchvision_without_ops()
+    from transformers import CLIPConfig, CLIPModel
+    return CLIPModel, CLIPConfig

@@ -149,7 +149,7 @@ def test_scan_and_remat_match_the_plain_stack(arch):
     np.testing.assert_allclose(a, b, rtol=1e-5)
     gb = convert._unflatten(convert.unstack_layers(convert._flatten(gb)))
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5 * np.abs(x).max())
 
 
 def test_bf16_compute_keeps_float32_params_and_close_outputs(vit):
@@ -183,7 +183,7 @@ def test_every_parameter_has_logical_axes(scan):
 
 def test_bad_inputs_have_clear_errors(vit):
     model, params = vit
-    with pytest.raises(ValueError, match="ViT-B-32.*RN50"):
+    with pytest.raises(ValueError, match="Unknown architecture .ViT-X-99.*RN50, .*ViT-B-32"):
         clipjax.create_model("ViT-X-99")
     with pytest.raises(ValueError, match="32x32 images but got 64x64"):
         model.apply({"params": params}, np.zeros((1, 64, 64, 3), np.float32), method="encode_image")
