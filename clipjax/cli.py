@@ -48,9 +48,8 @@ def _info(args) -> None:
 def _is_clipjax_file(path: str) -> bool:
     if not path.endswith(".safetensors"):
         return False
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-        return (f.metadata() or {}).get("format") == "clipjax"
+    from clipjax.convert import safetensors_metadata
+    return safetensors_metadata(path).get("format") == "clipjax"
 
 
 def _convert(args) -> None:

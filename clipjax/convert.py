@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from clipjax.models import variants
@@ -458,6 +459,49 @@ def _folder_activation(path: Path) -> str | None:
     return None if act is None else ("quick_gelu" if act == "quick_gelu" else "gelu")
 
 
+# safetensors dtype names -> numpy; bfloat16 comes from ml_dtypes (a JAX dependency), which
+# the safetensors package's own numpy reader does not use, so bf16 files would not load.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the JSON header, byte offset of the data) of a .safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        try:
+            if not 0 < size <= min(path.stat().st_size - 8, 100 << 20):
+                raise ValueError(f"header size {size} does not fit the file")
+            return json.loads(f.read(size)), 8 + size
+        except ValueError as e:
+            raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
+                                  "truncated, or another format with the wrong suffix?") from e
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The free-form metadata of a .safetensors file, without reading its tensors."""
+    return _safetensors_header(Path(path))[0].get("__metadata__") or {}
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as memory-mapped numpy arrays, metadata) of a .safetensors file, bf16 included."""
+    path = Path(path)
+    header, start = _safetensors_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    data = np.memmap(path, np.uint8, "r")
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _SAFETENSORS_DTYPES or start + end > data.size:
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {info['dtype']} or bytes "
+                                  f"{begin}..{end} that this reader cannot use; is the file truncated?")
+        out[name] = (data[start + begin:start + end].view(_SAFETENSORS_DTYPES[info["dtype"]])
+                     .reshape(info["shape"]))
+    return out, meta
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state dict, metadata) from a .pt/.pth/.bin (pickle or TorchScript), a .safetensors
     file, or a Hugging Face model folder. Metadata holds "activation" when the file says."""
@@ -480,14 +524,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if activation := _folder_activation(path):
         meta["activation"] = activation
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta.update(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
-        except SafetensorError as e:
-            raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
-                                  "truncated, or another format with the wrong suffix?") from e
+        sd, file_meta = read_safetensors(path)
+        return sd, {**meta, **file_meta}
     try:
         import torch
     except ImportError as e:

@@ -260,6 +260,19 @@ def test_saved_torch_files(tmp_path, suffix):
     assert_trees_equal(loaded, params)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_safetensors(tmp_path, dtype):
+    """Hub checkpoints often ship in bf16 or fp16; they load as the float32 of those values."""
+    from safetensors.torch import save_file
+    sd = state_dict(openclip_model("ViT-tiny"))
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp_path / "half.safetensors")
+    arch, params = convert.load_torch_checkpoint(tmp_path / "half.safetensors")
+    assert arch == "ViT-tiny"
+    rounded = {k: v.to(dtype).float() for k, v in sd.items()}
+    assert_trees_equal(params, convert.from_torch(rounded, "ViT-tiny"))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
 def test_openclip_hub_folder_loads_with_its_activation(tmp_path):
     sd = state_dict(openclip_model("ViT-tiny-quickgelu"))
     convert.save_torch(tmp_path / "open_clip_model.safetensors",
