@@ -189,5 +189,7 @@ def test_bad_inputs_have_clear_errors(vit):
         model.apply({"params": params}, np.zeros((1, 64, 64, 3), np.float32), method="encode_image")
     with pytest.raises(ValueError, match="context length is 16"):
         model.apply({"params": params}, np.zeros((1, 77), np.int32), method="encode_text")
+    with pytest.raises(ValueError, match="Unknown model option.*bogus.*init_logit_bias"):
+        clipjax.create_model("ViT-tiny", bogus=1)
     with pytest.raises(ValueError, match="remat policy"):
         clipjax.create_model("ViT-tiny", remat="sometimes")

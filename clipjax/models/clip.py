@@ -1,5 +1,7 @@
 """The two-tower CLIP model: encode_image, encode_text, logit_scale (and optional bias)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,10 +79,11 @@ def create_model(name: str, dtype: Dtype = jnp.float32, scan: bool = False, rema
     if remat not in layers.REMAT_POLICIES:
         raise ValueError(f"Unknown remat policy {remat!r}; choose one of "
                          f"{', '.join(layers.REMAT_POLICIES)}.")
-    config = get_config(name)
-    if overrides:
-        import dataclasses
-        config = dataclasses.replace(config, **overrides)
+    fields = [f.name for f in dataclasses.fields(ClipConfig)]
+    if unknown := sorted(set(overrides) - set(fields)):
+        raise ValueError(f"Unknown model option(s) {', '.join(unknown)}; ClipConfig fields are "
+                         f"{', '.join(fields)}.")
+    config = dataclasses.replace(get_config(name), **overrides)
     return CLIP(config, dtype=jnp.dtype(dtype), scan=scan, remat=remat)
 
 
@@ -95,10 +98,14 @@ def init_params(model: CLIP, rng: jax.Array):
     return nn.meta.unbox(jax.jit(model.init)(rng, *dummy_inputs(model))["params"])
 
 
+def _boxed_shapes(model: CLIP):
+    """Parameter shapes with their logical-axis boxes, from jax.eval_shape (no allocation)."""
+    return jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
+
+
 def abstract_params(model: CLIP):
-    """Parameter shapes and dtypes without allocating anything (jax.eval_shape)."""
-    boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
-    return nn.meta.unbox(boxed)
+    """Parameter shapes and dtypes without allocating anything."""
+    return nn.meta.unbox(_boxed_shapes(model))
 
 
 def count_params(params, prefix: str = "") -> int:
@@ -118,5 +125,4 @@ def count_params(params, prefix: str = "") -> int:
 
 def logical_axes(model: CLIP):
     """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
-    boxed = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_boxed_shapes(model))
