@@ -333,9 +333,8 @@ def _check_keys(sd: Mapping[str, Any], table: list[Rule], expected: Mapping[str,
                  if tuple(np.shape(sd[k])) != expected[k]]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
-            problems.append(f"{len(items)} {label}: {shown}")
+        if items:  # all of them: a user fixing a checkpoint needs the whole list
+            problems.append(f"{len(items)} {label}: {', '.join(items)}")
     if problems:
         raise ConversionError(f"This state dict does not match {arch}: " + "; ".join(problems)
                               + ". Check the --arch name (or let it be inferred) and that the file "
@@ -402,8 +401,10 @@ def to_torch(params: Mapping, arch: str, layout: str = "openclip") -> dict[str, 
     extra = sorted(set(flat) - paths)
     missing = sorted(paths - set(flat))
     if extra or missing:
-        raise ConversionError(f"These params do not match {arch}: missing {missing[:20]}, "
-                              f"unexpected {extra[:20]}.")
+        raise ConversionError(f"These params do not match {arch}: missing "
+                              f"{', '.join(missing) or 'none'}; unexpected "
+                              f"{', '.join(extra) or 'none'}. Convert with the arch the params "
+                              "were made for.")
     return {k: _contiguous(v) for k, v in _to_layout(flat, table, layout).items()}
 
 
