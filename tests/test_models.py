@@ -177,6 +177,10 @@ def test_every_parameter_has_logical_axes(scan):
         for spec, shape in zip(flat_specs, flat_shapes):
             assert len(spec) == len(shape.shape), (spec, shape)
             assert all(isinstance(n, str) for n in spec), spec
+            # A mesh axis can shard one dimension only, so names must not repeat (the
+            # kernel's two spatial dims are never sharded).
+            named = [n for n in spec if n != "conv_spatial"]
+            assert len(set(named)) == len(named), (spec, shape)
         if scan and arch == "ViT-tiny":
             assert ("layers", "embed", "qkv", "heads", "kv") in [tuple(s) for s in flat_specs]
 

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from clipjax.models import layers
-from clipjax.models.layers import CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, JOINT, POSITIONS, Dtype
+from clipjax.models.layers import (CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, JOINT, MLP, POSITIONS,
+                                   Dtype)
 
 
 class Conv(nn.Module):
@@ -105,12 +106,13 @@ class AttentionPool2d(nn.Module):
         pos_NC = layers.param_with_axes(self, "positional_embedding", nn.initializers.normal(c**-0.5),
                                         (y * x + 1, c), (POSITIONS, EMBED))
         x_BNC = x_BNC + pos_NC.astype(x_BNC.dtype)
-        dense = lambda f, name: layers.Dense(f, (EMBED, EMBED), dtype=self.dtype, name=name)  # noqa
+        # Heads are the hidden width here, sharded like an MLP's, never twice like (embed, embed).
+        dense = lambda f, name: layers.Dense(f, (EMBED, MLP), dtype=self.dtype, name=name)  # noqa
         q_B1HK = dense(c, "q_proj")(x_BNC[:, :1]).reshape(b, 1, h, c // h)
         k_BNHK = dense(c, "k_proj")(x_BNC).reshape(b, y * x + 1, h, c // h)
         v_BNHK = dense(c, "v_proj")(x_BNC).reshape(b, y * x + 1, h, c // h)
         o_B1HK = jax.nn.dot_product_attention(q_B1HK, k_BNHK, v_BNHK)
-        out = layers.Dense(self.output_dim, (EMBED, JOINT), dtype=self.dtype, name="c_proj")
+        out = layers.Dense(self.output_dim, (MLP, JOINT), dtype=self.dtype, name="c_proj")
         return out(o_B1HK.reshape(b, c))
 
 
