@@ -324,9 +324,8 @@ def _hf_split_qkv(sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_keys(sd: Mapping[str, Any], table: list[Rule], expected: Mapping[str, tuple],
-                arch: str) -> None:
-    want = {r[0] for r in table}
+def _check_keys(sd: Mapping[str, Any], expected: Mapping[str, tuple], arch: str) -> None:
+    want = expected.keys()
     missing = sorted(want - sd.keys())
     unexpected = sorted(sd.keys() - want)
     misshaped = [f"{k} {tuple(np.shape(sd[k]))} (expected {expected[k]})" for k in sorted(want & sd.keys())
@@ -370,26 +369,14 @@ def from_torch(state_dict: Mapping[str, Any], arch: str, scan: bool = False) -> 
     sd = clean_state_dict(state_dict)
     layout = detect_layout(sd)
     table = rules(config, layout)
-    expected = torch_shapes(arch, layout)
+    _check_keys(sd, torch_shapes(arch, layout), arch)  # HF's separate q/k/v checked as they are
     if layout == "hf":
-        _check_keys(sd, [(k, "", _copy, 0) for k in expected], expected, arch)
         sd = _hf_fuse_qkv(sd)
-        expected = {r[0]: _fused_shape(r[0], expected) for r in table}
-    _check_keys(sd, table, expected, arch)
     flat = {path: np.asarray(fn(_to_numpy(sd[key]), heads), np.float32)
             for key, path, fn, heads in table}
     if scan:
         flat = stack_layers(flat)
     return _unflatten(flat)
-
-
-def _fused_shape(key: str, split_shapes: Mapping[str, tuple]) -> tuple:
-    if key.endswith("in_proj_weight"):
-        d = split_shapes[key.replace("in_proj_weight", "q_proj.weight")][1]
-        return (3 * d, d)
-    if key.endswith("in_proj_bias"):
-        return (3 * split_shapes[key.replace("in_proj_bias", "q_proj.bias")][0],)
-    return split_shapes[key]
 
 
 def to_torch(params: Mapping, arch: str, layout: str = "openclip") -> dict[str, np.ndarray]:
