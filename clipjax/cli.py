@@ -6,6 +6,8 @@ import sys
 
 import jax
 
+from clipjax.data import cli as data_cli
+from clipjax.evals import cli as evals_cli
 from clipjax.models import variants
 
 
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target layout (default: clipjax for a PyTorch source, openclip for a "
                    "clipjax source)")
     p.set_defaults(fn=_convert)
+
+    data_cli.register(sub)
+    evals_cli.register(sub)
     return parser
 
 

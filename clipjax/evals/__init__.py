@@ -1,0 +1,1 @@
+"""Zero-shot classification, retrieval, linear probes and search."""
