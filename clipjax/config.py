@@ -1,0 +1,97 @@
+"""Loading `configs/*.py` files (`get_config(arg)`) with dotted command-line overrides.
+
+    load_config("configs/clip_vit_b32.py:runlocal", ["optimizer.lr=1e-3", "loss=tiled"])
+
+Every override must name an existing key and keep its type; anything else is one error
+naming the key and the valid choices, before anything compiles.
+"""
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name: str) -> Path:
+    """A config file from a path or a bare name in configs/ ("default", "clip_vit_b32")."""
+    path = Path(name)
+    if path.suffix != ".py":
+        path = CONFIG_DIR / f"{name}.py"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py")) if CONFIG_DIR.exists() else []
+        raise FileNotFoundError(f"config {name!r} not found; give a path to a .py file with "
+                                f"get_config(arg) or one of: {', '.join(known)}.")
+    return path
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"clipjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config(arg) function.")
+    return module
+
+
+def _parse(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    *parents, key = dotted.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            where = ".".join(parents[:i]) or "the top level"
+            raise ValueError(f"unknown config key {dotted!r}: {where} has no section {name!r}; "
+                             f"valid keys there: {', '.join(sorted(node.keys()))}.")
+        node = node[name]
+    if key not in node:
+        where = ".".join(parents) or "the top level"
+        raise ValueError(f"unknown config key {dotted!r}; valid keys at {where}: "
+                         f"{', '.join(sorted(node.keys()))}.")
+    old, value = node[key], _parse(text)
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ValueError(f"config key {dotted!r} is a section; set one of its keys: "
+                         f"{', '.join(sorted(old.keys()))}.")
+    if old is not None and not _same_kind(old, value):
+        raise ValueError(f"config key {dotted!r} takes a {type(old).__name__} "
+                         f"(now {old!r}); got {text!r}.")
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    with node.ignore_type():
+        node[key] = value
+
+
+def _same_kind(old, value) -> bool:
+    if isinstance(old, bool) or isinstance(value, bool):
+        return isinstance(old, bool) and isinstance(value, bool)
+    if isinstance(old, (int, float)):
+        return isinstance(value, (int, float)) and not (isinstance(old, int)
+                                                        and isinstance(value, float))
+    if isinstance(old, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(old))
+
+
+def load_config(spec: str = "default", overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`get_config(arg)` from "path.py[:arg]" (or a name in configs/), then `key=value`s."""
+    name, _, arg = spec.partition(":")
+    module = _module(config_path(name))
+    config = module.get_config(arg or None)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-3).")
+        key, text = item.split("=", 1)
+        _set(config, key.strip(), text.strip())
+    config.lock()
+    return config
