@@ -2,6 +2,8 @@
 
 import argparse
 import functools
+import json
+import os
 import sys
 
 import jax
@@ -81,6 +83,48 @@ def _arch(name: str) -> str:
     return name
 
 
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-host (automatic on Cloud TPU and under SLURM)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--local-device-ids", default=None,
+                   help="comma-separated local accelerator ids this process drives")
+
+
+def initialize_distributed(args) -> None:
+    """jax.distributed from flags, else from the environment (Cloud TPU, SLURM, CLIPJAX_*)."""
+    env = os.environ
+    coordinator = args.coordinator or env.get("CLIPJAX_COORDINATOR")
+    num = args.num_processes or (int(env["CLIPJAX_NUM_PROCESSES"])
+                                 if "CLIPJAX_NUM_PROCESSES" in env else None)
+    pid = args.process_id if args.process_id is not None else (
+        int(env["CLIPJAX_PROCESS_ID"]) if "CLIPJAX_PROCESS_ID" in env else None)
+    local = args.local_device_ids or env.get("CLIPJAX_LOCAL_DEVICE_IDS")
+    local_ids = [int(i) for i in local.split(",")] if local else None
+    if coordinator or num:
+        if not (coordinator and num and pid is not None):
+            raise ValueError("multi-host needs all of --coordinator, --num-processes and "
+                             "--process-id (or CLIPJAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID).")
+        jax.distributed.initialize(coordinator, num, pid, local_device_ids=local_ids)
+    elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 or \
+            env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize(local_device_ids=local_ids)  # cluster auto-detection
+
+
+def _train(args) -> None:
+    from clipjax import config as config_lib, train
+
+    config = config_lib.load_config(args.config, args.overrides)
+    initialize_distributed(args)
+    name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
+    workdir = args.workdir or f"clipjax-{name}"
+    metrics = train.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"finished in {workdir}: {json.dumps(shown)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipjax", description="CLIP in JAX: model facts and "
                                      "checkpoint conversion (training and evaluation commands "
@@ -105,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "clipjax source)")
     p.set_defaults(fn=_convert)
 
+    p = sub.add_parser("train", help="train CLIP (default: a tiny model on built-in shapes)",
+                       description="Train from a config (a configs/ name or a .py file with "
+                       "get_config(arg)), resuming from the workdir's latest checkpoint. "
+                       "Overrides are dotted key=value pairs, e.g. optimizer.lr=1e-3.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--config", default="default", help="config name or path[:arg]")
+    p.add_argument("--workdir", default=None,
+                   help="checkpoints, metrics and plots (default: ./clipjax-<config name>)")
+    _distributed_flags(p)
+    p.set_defaults(fn=_train)
+
     data_cli.register(sub)
     evals_cli.register(sub)
     return parser
@@ -114,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"clipjax {args.command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

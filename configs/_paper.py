@@ -28,8 +28,6 @@ def clip_recipe(model: str, arg=None) -> ml_collections.ConfigDict:
     c.optimizer.lr = 5e-4
     c.optimizer.warmup_steps = 2000
     c.optimizer.weight_decay = 0.2
-    if model.startswith("RN"):
-        c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8
     c.mesh.fsdp = -1
     c.mesh.data = 1
     c.data.source = ""  # required: e.g. "wds:/data/laion/{00000..41407}.tar"

@@ -24,8 +24,9 @@ def get_config(arg=None):
     c.seed = 0
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=2e-3, warmup_steps=100, end_lr_ratio=0.0, weight_decay=0.1, b1=0.9, b2=0.98,
-        eps=1e-6, grad_clip_norm=1.0, freeze=(), lr_multipliers={}))
+        lr=2e-3, warmup_steps=100, end_lr_ratio=0.0, weight_decay=0.1,
+        b1=None, b2=None, eps=None,  # None: by architecture (ViT 0.9/0.98/1e-6, RN 0.9/0.999/1e-8)
+        grad_clip_norm=1.0, freeze=(), lr_multipliers={}))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.data = ml_collections.ConfigDict(dict(
