@@ -125,6 +125,18 @@ def _train(args) -> None:
         print(f"finished in {workdir}: {json.dumps(shown)}")
 
 
+def _compile(args) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; the TPU is a target
+    from clipjax import aot, config as config_lib
+
+    config = config_lib.load_config(args.config, args.overrides)
+    report = aot.compile_train_step(config, args.topology)
+    print(aot.format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipjax", description="CLIP in JAX: model facts and "
                                      "checkpoint conversion (training and evaluation commands "
@@ -159,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints, metrics and plots (default: ./clipjax-<config name>)")
     _distributed_flags(p)
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology; per-chip "
+                       "memory and FLOPs", description="Compile a config's real train step ahead "
+                       "of time for a TPU topology (needs libtpu: pip install 'clipjax[tpu]'; no "
+                       "TPU needed) and print per-chip memory, whether it fits HBM, and FLOPs.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--config", default="default", help="config name or path[:arg]")
+    p.add_argument("--topology", required=True,
+                   help="v5e-256, v5p-128, v4-32, v6e-16 or a shape such as v5e:16x16")
+    p.add_argument("--json", default=None, help="also write the report here")
+    p.set_defaults(fn=_compile)
 
     data_cli.register(sub)
     evals_cli.register(sub)

@@ -112,10 +112,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def optimizer_shardings(optimizer, abstract_params, shardings, mesh: Mesh):
     """Optimizer-state shardings: parameter-shaped leaves follow their parameter."""
     abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    # Frozen leaves keep no moments (optax.MaskedNode); their placeholder stays in place.
     return optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_state, shardings,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        optimizer, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, abstract_state,
+        shardings, transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
 def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, shardings) -> Any:

@@ -1,0 +1,116 @@
+"""Plan a pod run from a laptop: compile the real train step for a TPU topology, ahead of time.
+
+    clipjax compile --config clip_vit_b16 --topology v5e-256
+
+libtpu (`pip install "clipjax[tpu]"`) compiles for a described topology on any machine; no
+TPU is needed. The report is XLA's own per-chip accounting of the compiled step.
+"""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from clipjax import optim, sharding, train
+from clipjax.models import clip
+
+GIB = 2**30
+# HBM per JAX device. v4 and v5p topologies list one device per chip (megacore).
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# Slice names (cores for v4/v5p, chips for v5e/v6e) -> the topology shape in chips.
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+
+
+def topology_name(name: str) -> str:
+    """"v5e-256" / "v5p-128" / "v4-32" / "v6e-16" (Cloud TPU slice names) or "v5e:16x16"."""
+    if ":" in name:
+        return name
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if not m:
+        raise ValueError(f"TPU topology {name!r} not understood; write a slice name such as "
+                         "v5e-256, v5p-128, v4-32, v6e-16, or a shape such as v5e:16x16.")
+    kind, n = m.group(1).replace("v5litepod", "v5e"), int(m.group(2))
+    chips, table = ((n // 2, _SHAPES_3D) if kind in ("v4", "v5p") else (n, _SHAPES_2D))
+    if chips not in table:
+        raise ValueError(f"no standard {kind} slice with {n} {'cores' if kind in ('v4', 'v5p') else 'chips'}; "
+                         f"try one of: {', '.join(f'{kind}-{c * (2 if table is _SHAPES_3D else 1)}' for c in table)}.")
+    return f"{kind}:{table[chips]}"
+
+
+def topology_devices(name: str):
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(topology_name(name), "tpu").devices
+    except (ImportError, RuntimeError) as e:
+        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "plugin" in str(e).lower():
+            raise ImportError("compiling for a TPU topology needs libtpu: "
+                              "pip install 'clipjax[tpu]'.") from e
+        raise
+
+
+def compile_train_step(config, topology: str) -> dict:
+    """Per-chip memory and FLOPs of `config`'s train step compiled for `topology`."""
+    devices = topology_devices(topology)
+    mesh = sharding.create_mesh(**{k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")},
+                                devices=devices)
+    model = train.build_model(config)
+    sharding.check_global_batch(config.global_batch, mesh)
+    steps = max(train.total_steps(config) if config.total_steps or config.data.num_examples
+                else 10_000, config.optimizer.warmup_steps + 1)
+    optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=steps),
+                                       clip.abstract_params(model), arch=config.model)
+    shardings = train.state_shardings(model, optimizer, mesh)
+    abstract = jax.eval_shape(lambda: train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=clip.abstract_params(model),
+        opt_state=optimizer.init(clip.abstract_params(model))))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    size, ctx = model.config.vision.image_size, model.config.text.context_length
+    b = config.global_batch
+    batch = {  # images travel as uint8 and are normalised on the device
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8,
+                                      sharding=sharding.batch_sharding(mesh, 4)),
+        "text": jax.ShapeDtypeStruct((b, ctx), jnp.int32, sharding=sharding.batch_sharding(mesh, 2)),
+    }
+    step = train.make_train_step(
+        model, optimizer, mesh, shardings, loss=config.loss, accum_steps=config.accum_steps,
+        loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {})
+    compiled = step.lower(abstract, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    kind = devices[0].device_kind
+    hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
+                if kind.startswith(k)), None)
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+    return {
+        "topology": topology_name(topology), "device_kind": kind, "chips": len(devices),
+        "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
+        "accum_steps": config.accum_steps, "loss": config.loss,
+        "arguments_gib": mem.argument_size_in_bytes / GIB,
+        "outputs_gib": mem.output_size_in_bytes / GIB,
+        "aliased_gib": mem.alias_size_in_bytes / GIB,
+        "temporaries_gib": mem.temp_size_in_bytes / GIB, "total_gib": total / GIB,
+        "hbm_gib": hbm, "fits": None if hbm is None else total <= hbm * GIB,
+        "tflops_per_step": float(cost.get("flops", 0.0)) * len(devices) / 1e12,
+    }
+
+
+def format_report(r: dict) -> str:
+    fits = {True: "fits", False: "DOES NOT FIT", None: "unknown HBM"}[r["fits"]]
+    return "\n".join([
+        f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
+        f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
+        f"per chip: arguments {r['arguments_gib']:.2f} GiB, outputs {r['outputs_gib']:.2f} GiB "
+        f"(donated/aliased {r['aliased_gib']:.2f}), temporaries {r['temporaries_gib']:.2f} GiB",
+        f"per chip total {r['total_gib']:.2f} GiB of {r['hbm_gib']} GiB HBM: {fits}",
+        f"{r['tflops_per_step']:.3g} TFLOPs per step "
+        f"({r['tflops_per_step'] * 1e12 / r['global_batch'] / 1e9:.3g} GFLOPs per example)",
+    ])

@@ -1,0 +1,147 @@
+"""The training loop: exact resume after a kill, NaN stop, configs, workdir identity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipjax import checkpoint, config as config_lib, train
+
+# A short run of the built-in default: batch 64, no evaluation, a checkpoint every 2 steps.
+OVERRIDES = ["total_steps=10", "global_batch=64", "optimizer.warmup_steps=2",
+             "log_every_steps=1", "checkpoint.every_steps=2", "eval.zeroshot=''",
+             "eval.every_steps=0"]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"repeated or unordered steps in the log: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train.train_and_evaluate(config_lib.load_config("default", OVERRIDES), workdir)
+    return workdir
+
+
+def test_killed_run_resumes_exactly(uninterrupted, tmp_path):
+    """SIGKILL a real `clipjax train` mid-run; rerunning continues the same loss curve."""
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "clipjax.cli", "train", "--workdir", str(workdir), *OVERRIDES]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    log = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: " \
+                                    f"{proc.stderr.read().decode()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed_at = max(_losses(workdir))
+    assert killed_at < 10
+    ckpt = checkpoint.Checkpointer(workdir)
+    resume_from = ckpt.latest_step()
+    ckpt.close()
+    assert resume_from is not None and resume_from <= killed_at
+
+    train.train_and_evaluate(config_lib.load_config("default", OVERRIDES), workdir)
+    expect, got = _losses(uninterrupted), _losses(workdir)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
+        assert got[step] == expect[step], (step, got[step], expect[step], resume_from)
+
+
+def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
+    workdir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "clipjax.cli", "train", "--workdir", str(workdir), *OVERRIDES,
+           "checkpoint.every_steps=100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    log = workdir / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stopped = max(_losses(workdir))
+    ckpt = checkpoint.Checkpointer(workdir)
+    assert ckpt.latest_step() == stopped < 10  # saved where it stopped, not at a schedule
+    ckpt.close()
+    got, expect = _losses(workdir), _losses(uninterrupted)
+    assert all(got[s] == expect[s] for s in got)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = config_lib.load_config("default", OVERRIDES + ["optimizer.lr=1e30",
+                                                            "optimizer.grad_clip_norm=0.0",
+                                                            "checkpoint.every_steps=1"])
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) at step \d+; stopping"):
+        train.train_and_evaluate(config, tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    last = ckpt.latest_step()
+    ckpt.close()
+    losses = _losses(tmp_path) if (tmp_path / "metrics.jsonl").exists() else {}
+    assert last is not None and all(np.isfinite(losses[s]) for s in range(1, last + 1))
+
+
+def test_outputs_of_a_finished_run(uninterrupted):
+    assert (uninterrupted / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "samples_per_second", "i2t_accuracy", "grad_norm"} <= set(rows[-1])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    checkpoint.check_workdir(tmp_path, {"model": "ViT-tiny", "scan": False})
+    with pytest.raises(ValueError, match="holds a run of a different model.*'ViT-tiny'"):
+        checkpoint.check_workdir(tmp_path, {"model": "RN-tiny", "scan": False})
+    checkpoint.check_workdir(tmp_path, {"model": "ViT-tiny", "scan": False})  # same: fine
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr'; valid keys at optimizer: b1"),
+    (["global_batch=1.5"], "config key 'global_batch' takes a int"),
+    (["nope.x=1"], "has no section 'nope'"),
+    (["loss"], "is not key=value"),
+    (["optimizer=1"], "is a section"),
+])
+def test_bad_overrides_are_one_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.load_config("default", overrides)
+
+
+@pytest.mark.parametrize("name", ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14", "clip_rn50",
+                                  "siglip_vit_b16", "lit_vit_b16"])
+def test_paper_recipes(name):
+    c = config_lib.load_config(name)
+    assert c.global_batch == 32768 and c.epochs == 32 and c.optimizer.warmup_steps == 2000
+    assert c.optimizer.lr == (1e-3 if name.startswith(("siglip", "lit")) else 5e-4)
+    with pytest.raises(ValueError, match="total_steps=0 needs epochs and data.num_examples"):
+        train.total_steps(c)
+    c = config_lib.load_config(name, ["data.num_examples=400000000"])
+    assert train.total_steps(c) == 32 * 400000000 // 32768
