@@ -51,7 +51,7 @@ def logit_metrics(logits_BB: jax.Array) -> Metrics:
         "i2t_accuracy": jnp.mean(jnp.argmax(logits_BB, axis=1) == target_B),
         "t2i_accuracy": jnp.mean(jnp.argmax(logits_BB, axis=0) == target_B),
         "positive_logit": jnp.mean(diag_B),
-        "negative_logit": (jnp.sum(logits_BB) - jnp.sum(diag_B)) / max(n * n - n, 1),
+        "negative_logit": (jnp.sum(logits_BB) - jnp.sum(diag_B)) / float(max(n * n - n, 1)),
     }
 
 
@@ -215,7 +215,7 @@ def _ring_forward(img_bE, txt_bE, scale, bias, *, axis, n: int, t: int, lse: boo
         "i2t_accuracy": psum(jnp.sum(row_arg == home_b)) / N,
         "t2i_accuracy": psum(jnp.sum(col_best[1] == home_b)) / N,
         "positive_logit": sum_diag / N,
-        "negative_logit": (psum(total) - sum_diag) / max(N * N - N, 1),
+        "negative_logit": (psum(total) - sum_diag) / float(max(N * N - N, 1)),
     }
     if lse:
         loss = psum(jnp.sum(row_lse - diag_b) + jnp.sum(col_lse - diag_b)) / (2 * N)

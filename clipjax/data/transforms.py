@@ -95,3 +95,70 @@ def preprocess(images_or_paths: Sequence[ImageOrPath], size: int) -> np.ndarray:
     if len(images_or_paths) == 0:
         return np.zeros((0, size, size, 3), np.float32)
     return np.stack([eval_transform(x, size) for x in images_or_paths])
+
+
+# CLIP's training augmentation (OpenCLIP's `image_transform(is_train=True)` default): a
+# random resized crop covering 90-100% of the area, aspect ratio in [3/4, 4/3], bicubic.
+TRAIN_SCALE = (0.9, 1.0)
+TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = TRAIN_SCALE,
+                            ratio: tuple[float, float] = TRAIN_RATIO) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height) of a random crop, drawn as torchvision draws it.
+
+    Ten tries at an area fraction in `scale` and a log-uniform aspect ratio in `ratio`; a
+    crop that does not fit falls back to the largest central crop whose ratio is in range.
+    """
+    area = width * height
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(log_lo, log_hi))
+        crop_w = int(round(np.sqrt(target_area * aspect)))
+        crop_h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return left, top, crop_w, crop_h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = int(round(height * ratio[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The `box` (left, top, width, height) of `image`, bicubic-resized to `size` x `size`."""
+    left, top, crop_w, crop_h = box
+    return image.crop((left, top, left + crop_w, top + crop_h)).resize(
+        (size, size), Image.Resampling.BICUBIC)
+
+
+# normalize() of every uint8 value per channel: a lookup gives the same float32 bits at
+# half the cost of the arithmetic, which the training pipeline pays for every pixel.
+_LUT_C256 = normalize(np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1)).T.copy()
+
+
+def normalize_uint8(x_HWC: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """normalize() of a uint8 RGB array, bit for bit, by table lookup (into `out` if given)."""
+    out_HWC = np.empty(x_HWC.shape, np.float32) if out is None else out
+    for c in range(3):
+        np.take(_LUT_C256[c], x_HWC[..., c], out=out_HWC[..., c])
+    return out_HWC
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of `image`, converted to RGB when it is in another mode."""
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def train_transform(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """CLIP's training augmentation of one image into a [size, size, 3] float32 array."""
+    box = random_resized_crop_box(*image.size, rng)
+    # Crop and resize in the input's own mode, then convert, as the eval transform does.
+    return normalize_uint8(rgb_array(resized_crop(image, box, size)))

@@ -1,1 +1,54 @@
-"""Zero-shot classification, retrieval, linear probes and search."""
+"""Zero-shot classification, retrieval, linear probes and search.
+
+One protocol for every evaluator, the one the training loop's eval hook calls every N steps:
+
+    evaluator(encoders: Encoders, params) -> dict[str, float]
+
+`encoders = make_encoders(model, mesh)` bundles the model's jitted encoders (unit-norm
+`encode_image(params, img_BHWC) -> img_BE` and `encode_text(params, tokens_BL) -> txt_BE`,
+plus `image_features` for linear probes), its image size and context length, the mesh its
+rows are sharded over and the batch size. `params` are the model's parameters, placed as
+the caller keeps them (the training state's own shardings work as they are). An evaluator
+owns its data: it is built once, from a function `batches(encoders)` that gives a fresh
+pass over host-local {"image", "label" / "index"} batches, and returns metrics named
+"task/metric", e.g. "zeroshot/top1", "zeroshot/top5", "retrieval/i2t_R@1",
+"retrieval/t2i_R@5", "linear_probe/top1".
+
+    evaluators = clipjax.evals.synthetic_evaluators()      # the built-in data's two
+    metrics = clipjax.evals.run_all(evaluators, make_encoders(model, mesh), params)
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from clipjax.evals.encoders import Encoders, embed_images, embed_texts, make_encoders
+
+Evaluator = Callable[[Encoders, Any], dict[str, float]]
+
+__all__ = ["Encoders", "Evaluator", "embed_images", "embed_texts", "make_encoders", "run_all",
+           "synthetic_evaluators"]
+
+
+def run_all(evaluators: Iterable[Evaluator] | Mapping[str, Evaluator], encoders: Encoders,
+            params: Any) -> dict[str, float]:
+    """Every evaluator's metrics in one dict (names must not collide)."""
+    metrics: dict[str, float] = {}
+    for ev in (evaluators.values() if isinstance(evaluators, Mapping) else evaluators):
+        out = ev(encoders, params)
+        if clash := set(out) & set(metrics):
+            raise ValueError(f"Two evaluators report {sorted(clash)}; give them different names.")
+        metrics.update(out)
+    return metrics
+
+
+def synthetic_evaluators(num_examples: int = 1024, seed: int = 0, captions_per_image: int = 5,
+                         batch_size: int = 256) -> dict[str, Evaluator]:
+    """Zero-shot and retrieval on the built-in data's held-out split (its own class names
+    and templates); what `clipjax train` reports by default."""
+    from clipjax.data import synthetic
+    from clipjax.evals import data, retrieval, zeroshot
+
+    source = data.SyntheticImages(num_examples, seed, captions_per_image)
+    batches = data.batch_fn(source, batch_size)
+    return {"zeroshot": zeroshot.evaluator(batches, synthetic.CLASSNAMES, synthetic.TEMPLATES),
+            "retrieval": retrieval.evaluator(batches, source.captions())}
