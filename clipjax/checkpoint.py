@@ -29,7 +29,8 @@ def check_workdir(workdir: str | os.PathLike, identity: Mapping[str, Any]) -> No
                              "use a new --workdir or the original settings.")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # Every host of a multi-host run writes the same content; each through its own file.
+    tmp = path.with_name(f"{RUN_FILE}.{jax.process_index()}.tmp")
     tmp.write_text(json.dumps(dict(identity), indent=2, sort_keys=True))
     tmp.replace(path)
 

@@ -15,7 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from clipjax.models import clip, layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both; parameters only over fsdp
+BATCH_AXES = layers.BATCH_AXES  # ("data", "fsdp"); parameters are split over fsdp only
 
 # Logical axis -> mesh axis (None: replicated). FSDP shards every matrix along its
 # residual width; tensor parallelism splits heads, MLP, vocabulary and conv outputs.

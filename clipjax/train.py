@@ -210,6 +210,10 @@ def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
         return (img_BE, txt_BE), stats["batch_stats"]
 
     def step(state: TrainState, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see layers.shard_rows
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch):
         (value, metrics), grads, stats = loss_and_grads_with_aux(
             state.params, batch, encode, loss_fn, accum_steps, mesh, has_aux=bn_train)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -327,6 +331,9 @@ def _jsonl_upto(path: Path, step: int) -> None:
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+    if "://" in str(workdir):
+        raise ValueError(f"workdir {workdir}: URLs are not supported yet; mount the bucket "
+                         "(e.g. gcsfuse) and give the mounted path.")
     workdir = Path(workdir)
     steps = total_steps(config)
     losses.get_loss(config.loss)

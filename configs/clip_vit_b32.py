@@ -1,6 +1,6 @@
 """CLIP ViT-B-32 as in the paper: global batch 32768, AdamW lr 5e-4, warmup 2000, cosine, 32 epochs.
 
-    clipjax train --config clip_vit_b32 --workdir gs://bucket/runs/clip_vit_b32 \
+    clipjax train --config clip_vit_b32 --workdir /mnt/gcs/runs/clip_vit_b32 \
         data.source="wds:/data/laion400m/{00000..41407}.tar" data.num_examples=400000000
     clipjax train --config clip_vit_b32:runlocal --workdir /tmp/clip_vit_b32   # CPU smoke run
 """

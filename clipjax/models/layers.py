@@ -23,6 +23,22 @@ CONV_OUT = "conv_out"
 CONV_SPATIAL = "conv_spatial"
 
 
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over (see sharding.py)
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Keeps activations split by rows over the batch axes of the mesh in context, if any.
+
+    Without it, XLA may follow the FSDP-sharded weights and split activations along their
+    width instead, replicating the batch on every chip.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
                     axes: Sequence[str | None], dtype: Dtype = jnp.float32) -> jax.Array:
     """A parameter annotated with logical axis names."""
@@ -131,10 +147,11 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, _=None) -> tuple[jax.Array, jax.Array | None]:
+        x_BND = shard_rows(x_BND)
         y = LayerNorm(name="ln_1")(x_BND)
         x_BND = x_BND + MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal)
-        y = LayerNorm(name="ln_2")(x_BND)
-        x_BND = x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
+        y = LayerNorm(name="ln_2")(shard_rows(x_BND))
+        x_BND = shard_rows(x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y))
         # A scan body: the second output is stacked over layers, so emit it only on request.
         return x_BND, (x_BND if self.emit_features else None)
 

@@ -87,7 +87,7 @@ class Bottleneck(nn.Module):
             # torch names these downsample.0 (conv) and downsample.1 (norm).
             identity = conv(self.planes * 4, 1, "downsample_0")(avg_pool(x_BYXC, self.stride))
             identity = bn("downsample_1")(identity)
-        return nn.relu(out + identity.astype(out.dtype))
+        return layers.shard_rows(nn.relu(out + identity.astype(out.dtype)))
 
 
 class AttentionPool2d(nn.Module):
