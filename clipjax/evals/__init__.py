@@ -43,8 +43,8 @@ def run_all(evaluators: Iterable[Evaluator] | Mapping[str, Evaluator], encoders:
 
 def synthetic_evaluators(num_examples: int = 1024, seed: int = 0, captions_per_image: int = 5,
                          batch_size: int = 256) -> dict[str, Evaluator]:
-    """Zero-shot and retrieval on the built-in data's held-out split (its own class names
-    and templates); what `clipjax train` reports by default."""
+    """Zero-shot and retrieval on the built-in data's held-out split, with its own class
+    names and templates: the evaluators for a run on the synthetic data."""
     from clipjax.data import synthetic
     from clipjax.evals import data, retrieval, zeroshot
 

@@ -44,28 +44,15 @@ def _is_main() -> bool:
 def _zeroshot(args) -> None:
     import numpy as np
 
-    from clipjax.data import synthetic
     from clipjax.evals import data, plots, prompts, zeroshot
 
     source = data.labelled(args.dataset, args.data_dir)
-    if isinstance(source, data.SyntheticImages):
-        hint = None
-        classnames = (prompts.load_classnames(args.classes) if args.classes
-                      else list(synthetic.CLASSNAMES))
-        if len(classnames) != source.num_labels:
-            raise ValueError(f"The class list {args.classes!r} has {len(classnames)} classes but "
-                             f"the synthetic data has {source.num_labels} labels; drop --classes.")
-        default_templates: list[str] = list(synthetic.TEMPLATES)
-    else:
-        hint = (prompts.TFDS_DATASETS.get(source.name) if isinstance(source, data.TfdsImages)
-                else None)
-        classnames = prompts.resolve_classnames(source.label_names, source.num_labels,
-                                                args.classes, hint, source.description)
-        known = args.classes if args.classes in prompts.datasets() else hint
-        default_templates = prompts.templates(known) if known else prompts.openai_imagenet_templates()
-    templates = prompts.load_templates(args.templates) if args.templates else default_templates
+    classnames = prompts.resolve_classnames(source.label_names, source.num_labels, args.classes,
+                                            source.dataset, source.description)
+    templates = (prompts.load_templates(args.templates) if args.templates
+                 else zeroshot.default_templates(source, args.classes))
 
-    model, params, arch, fp, encoders = _model(args)
+    _, params, arch, fp, encoders = _model(args)
     bar = _progress(len(source), "zero-shot")
     result = zeroshot.evaluate(encoders, params,
                                data.batch_fn(source, encoders.batch_size)(encoders),
@@ -106,7 +93,7 @@ def _retrieval(args) -> None:
                              "or a caption file given with --captions.")
     else:
         source = data.CaptionedImages(args.captions, args.images_root, args.split)
-    model, params, arch, fp, encoders = _model(args)
+    _, params, arch, fp, encoders = _model(args)
     bar = _progress(len(source), "retrieval")
     result = retrieval.evaluate(encoders, params,
                                 data.batch_fn(source, encoders.batch_size)(encoders),
@@ -140,7 +127,7 @@ def _linear_probe(args) -> None:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"The splits disagree on the label space ({sizes}); give splits of "
                          "one dataset.")
-    model, params, arch, fp, encoders = _model(args)
+    _, params, arch, fp, encoders = _model(args)
     feats = {}
     for k, s in sources.items():
         bar = _progress(len(s), f"features {k}")
@@ -155,8 +142,8 @@ def _linear_probe(args) -> None:
         return
     print(_table([("train", sources["train"].description), ("test", sources["test"].description),
                   ("model", f"{arch} (weights {fp})"),
-                  ("lambda", f"1e{result.log10_lambda:g} (scikit-learn C = "
-                             f"{10 ** -result.log10_lambda:.3g})"),
+                  ("lambda", (f"1e{result.log10_lambda:g} (scikit-learn C = "
+                              f"{10 ** -result.log10_lambda:.3g})")),
                   ("top-1", f"{100 * result.top1:.2f}%"),
                   ("mean per class", f"{100 * result.mean_per_class:.2f}%")]))
     _write_json(args.out, {"task": "linear_probe", "checkpoint": args.checkpoint, "arch": arch,
@@ -173,7 +160,7 @@ def _embed(args) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the folder of images to embed.")
     total = len(data.list_images(root))
-    model, params, arch, fp, encoders = _model(args)
+    _, params, arch, fp, encoders = _model(args)
     bar = _progress(total, "embed")
 
     def skipped(path: str, error: Exception) -> None:
@@ -205,7 +192,7 @@ def _search(args) -> None:
     args.arch = args.arch or (index.arch if args.checkpoint == index.checkpoint else None)
     if args.k < 1:
         raise ValueError(f"-k {args.k}: ask for at least one result, e.g. -k 10.")
-    model, params, arch, fp, encoders = _model(args)
+    _, params, arch, fp, encoders = _model(args)
     search.check_model(index, arch, fp, checkpoint)
     results = dict(zip(args.query, search.search(encoders, params, index, args.query, args.k)))
     if not _is_main():
