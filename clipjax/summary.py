@@ -1,20 +1,91 @@
-"""Scalar metrics as TensorBoard event files (through tensorboardX: no TensorFlow needed)."""
+"""Scalar metrics as TensorBoard event files, written directly (no TensorFlow, no torch).
 
+An event file is a TFRecord stream of `Event` protocol buffers; a scalar is
+Event{wall_time, step, summary{value{tag, simple_value}}}. The few fields needed are
+encoded by hand below.
+"""
+
+import os
+import socket
+import struct
+import time
 from pathlib import Path
 from typing import Mapping
 
 
-class Writer:
-    def __init__(self, logdir: str | Path):
-        from tensorboardX import SummaryWriter
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
 
-        self._writer = SummaryWriter(str(logdir))
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for byte in data:
+        c = _TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    key = _varint(number << 3 | wire)
+    if wire == 2:  # length-delimited
+        return key + _varint(len(payload)) + payload
+    return key + payload
+
+
+def _event(step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
+    out = _field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(step))
+    if file_version:
+        out += _field(3, 2, file_version.encode())
+    if summary:
+        out += _field(5, 2, summary)
+    return out
+
+
+def _scalar(tag: str, value: float) -> bytes:
+    return _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
+
+
+class Writer:
+    """Appends scalar summaries to one event file in `logdir`."""
+
+    def __init__(self, logdir: str | Path):
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._file = open(Path(logdir) / name, "ab")
+        self._record(_event(0, file_version="brain.Event:2"))
+
+    def _record(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data
+                         + struct.pack("<I", _masked_crc(data)))
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
-        for name, value in metrics.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self._writer.add_scalar(name, value, step)
-        self._writer.flush()
+        values = b"".join(_scalar(k, float(v)) for k, v in metrics.items()
+                          if k != "step" and isinstance(v, (int, float)))
+        self._record(_event(step, summary=values))
+        self._file.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
