@@ -64,8 +64,10 @@ def test_killed_run_resumes_exactly(uninterrupted, tmp_path):
     train.train_and_evaluate(config_lib.load_config("default", OVERRIDES), workdir)
     expect, got = _losses(uninterrupted), _losses(workdir)
     assert sorted(got) == list(range(1, 11))
-    for step in range(1, 11):
-        assert got[step] == expect[step], (step, got[step], expect[step], resume_from)
+    # Same data and same values: float32 agreement to a few ulps (a resumed process may
+    # compile the step separately, and XLA may order a reduction differently).
+    np.testing.assert_allclose([got[s] for s in range(1, 11)],
+                               [expect[s] for s in range(1, 11)], rtol=1e-6, atol=0)
 
 
 def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
@@ -92,7 +94,7 @@ def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
     assert ckpt.latest_step() == stopped < 10  # saved where it stopped, not at a schedule
     ckpt.close()
     got, expect = _losses(workdir), _losses(uninterrupted)
-    assert all(got[s] == expect[s] for s in got)
+    np.testing.assert_allclose([got[s] for s in got], [expect[s] for s in got], rtol=1e-6)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
