@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.loss = "softmax"  # softmax | tiled | sigmoid | sigmoid_ring | multi_positive
     c.loss_tile = 512
     c.accum_steps = 1
-    c.global_batch = 128
+    c.global_batch = 256
     c.total_steps = 1500
     c.seed = 0
 
