@@ -13,7 +13,10 @@ from typing import Sequence
 
 import ml_collections
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ of a source checkout, or its copy inside an installed wheel.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+                               Path(__file__).resolve().parent / "configs") if d.is_dir()),
+                  Path(__file__).resolve().parent / "configs")
 
 
 def config_path(name: str) -> Path:

@@ -11,22 +11,10 @@ os.environ["XLA_FLAGS"] = " ".join([
 ]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
-# One persistent compilation cache for the session, shared with the subprocesses that the
-# multi-process and resume tests start (they inherit this environment): a program
-# compiles once. Full-precision matmuls everywhere, subprocesses included.
-_CACHE = tempfile.mkdtemp(prefix="clipjax-xla-cache-")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# Full-precision matmuls everywhere, subprocesses (which inherit this environment) included.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 import jax  # noqa: E402
 assert jax.device_count() == 8, "XLA_FLAGS were read before conftest could set 8 CPU devices"
 assert jax.config.jax_default_matmul_precision == "highest"
 
-
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -15,7 +15,9 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("clipjax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("clipjax/bpe_simple_vocab_16e6.txt.gz", "clipjax/LICENSE-clip-bpe",
-                     "clipjax/models/clip.py", "clipjax/data/transforms.py"):
+                     "clipjax/models/clip.py", "clipjax/data/transforms.py",
+                     "clipjax/evals/prompts.json", "clipjax/configs/default.py",
+                     "clipjax/configs/clip_vit_b16.py"):
         assert required in names, f"{required} missing from {wheel.name}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "clipjax = clipjax.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
