@@ -12,30 +12,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = _TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+from clipjax import tfrecord
 
 
 def _varint(n: int) -> bytes:
@@ -77,9 +54,7 @@ class Writer:
         self._record(_event(0, file_version="brain.Event:2"))
 
     def _record(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data
-                         + struct.pack("<I", _masked_crc(data)))
+        self._file.write(tfrecord.record(data))
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         values = b"".join(_scalar(k, float(v)) for k, v in metrics.items()

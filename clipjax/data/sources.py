@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipjax.tfrecord import crc32c, masked_crc32c  # noqa: F401 (re-exported)
+
 log = logging.getLogger("clipjax.data")
 _OPEN_LOCK = threading.Lock()
 
@@ -602,32 +604,6 @@ class ArrayRecordSource(Source):
 # TFDS, read without TensorFlow.
 
 _TFDS_TEXT_KEYS = ("captions/text", "caption", "text", "captions")
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord framing uses it; pure Python, for short inputs."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def tfrecord_offsets(path: str) -> list[tuple[int, int]]:
