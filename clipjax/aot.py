@@ -81,30 +81,61 @@ def compile_train_step(config, topology: str) -> dict:
     step = train.make_train_step(
         model, optimizer, mesh, shardings, loss=config.loss, accum_steps=config.accum_steps,
         loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {})
-    compiled = step.lower(abstract, batch).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     kind = devices[0].device_kind
     hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
                 if kind.startswith(k)), None)
+    head = {"topology": topology_name(topology), "device_kind": kind, "chips": len(devices),
+            "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
+            "accum_steps": config.accum_steps, "loss": config.loss, "hbm_gib": hbm}
+    try:
+        compiled = step.lower(abstract, batch).compile()
+    except Exception as e:  # XLA:TPU refuses a program that cannot fit: report, not raise
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {**head, **_exhausted(str(e))}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)
     return {
-        "topology": topology_name(topology), "device_kind": kind, "chips": len(devices),
-        "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
-        "accum_steps": config.accum_steps, "loss": config.loss,
+        **head,
         "arguments_gib": mem.argument_size_in_bytes / GIB,
         "outputs_gib": mem.output_size_in_bytes / GIB,
         "aliased_gib": mem.alias_size_in_bytes / GIB,
         "temporaries_gib": mem.temp_size_in_bytes / GIB, "total_gib": total / GIB,
-        "hbm_gib": hbm, "fits": None if hbm is None else total <= hbm * GIB,
+        "fits": None if hbm is None else total <= hbm * GIB,
         "tflops_per_step": float(cost.get("flops", 0.0)) * len(devices) / 1e12,
     }
 
 
+_SIZE = r"([\d.]+)([KMGTP]?)"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def _exhausted(message: str) -> dict:
+    """The figure XLA:TPU gives when a program exceeds HBM.
+
+    Its messages read "... HLO temporaries (2.08P) exceeds available HBM (15.75G)" or
+    "Used 120.5G of 15.75G hbm".
+    """
+    m = (re.search(r"\(" + _SIZE + r"\) exceeds available HBM", message)
+         or re.search(_SIZE + r" of " + _SIZE + r" hbm", message))
+    used = float(m.group(1)) * _UNITS[m.group(2)] / GIB if m else float("nan")
+    return {"arguments_gib": float("nan"), "outputs_gib": float("nan"),
+            "aliased_gib": float("nan"), "temporaries_gib": float("nan"), "total_gib": used,
+            "fits": False, "tflops_per_step": float("nan"),
+            "error": message.strip().splitlines()[0][:300]}
+
+
 def format_report(r: dict) -> str:
     fits = {True: "fits", False: "DOES NOT FIT", None: "unknown HBM"}[r["fits"]]
+    if "error" in r:
+        return "\n".join([
+            f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
+            f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
+            f"DOES NOT FIT: XLA needs about {r['total_gib']:.2f} GiB per chip of "
+            f"{r['hbm_gib']} GiB HBM ({r['error']})"])
     return "\n".join([
         f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
         f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
