@@ -20,8 +20,8 @@ parameters float32.
 Steps of the two sides alternate after the warm-up, so both see the same machine load;
 the figure is the median step. The matmul peak (square matmul, f32 and bf16 operands
 with f32 accumulation) is measured in the same run on both frameworks, and MFU is model
-FLOPs (3 x the forward's matmul FLOPs, counted from the config) / step time / the peak
-of that framework and precision; XLA's cost analysis of the compiled step is printed
+FLOPs (`clip.train_flops`: 3 x an unscanned forward as XLA counts it) / step time / the
+peak of that framework and precision; XLA's cost analysis of the compiled step is printed
 beside it.
 """
 
@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import clipjax  # noqa: E402
 import reference  # noqa: E402
 from clipjax import optim, sharding, train  # noqa: E402
+from clipjax.models import clip  # noqa: E402
 
 OPTIMIZER = {"lr": 5e-4, "warmup_steps": 10, "total_steps": 1000, "weight_decay": 0.2}
 WORDS = ("a photo of the red small dog cat on in with near old city street beach tree "
@@ -72,23 +73,6 @@ def make_batch(batch: int, image_size: int, context_length: int) -> dict[str, np
     captions = [" ".join(rng.choice(WORDS, rng.integers(5, 20))) for _ in range(batch)]
     return {"image": rng.standard_normal((batch, image_size, image_size, 3), np.float32),
             "text": np.asarray(clipjax.tokenize(captions, context_length), np.int32)}
-
-
-def model_flops(config, batch: int) -> float:
-    """Model FLOPs of one training step: 3 x the forward's matmul FLOPs (ViT towers)."""
-    v, t = config.vision, config.text
-    if v.is_resnet:
-        raise ValueError("model_flops counts ViT towers only; use XLA's count for ResNets.")
-
-    def tower(n, d, layers, mlp):  # per sample: qkv, scores + values, out proj, MLP
-        return layers * 2 * n * (3 * d * d + 2 * n * d + d * d + 2 * d * mlp)
-
-    patches = (v.image_size // v.patch_size) ** 2
-    image = (2 * patches * v.patch_size**2 * 3 * v.width
-             + tower(patches + 1, v.width, v.layers, v.mlp_dim) + 2 * v.width * config.embed_dim)
-    text = tower(t.context_length, t.width, t.layers, 4 * t.width) + 2 * t.width * config.embed_dim
-    forward = batch * (image + text) + 2 * batch * batch * config.embed_dim
-    return 3 * forward
 
 
 # --- Matmul peak ----------------------------------------------------------------------
@@ -271,7 +255,7 @@ def main(argv=None) -> None:
 
     config = clipjax.get_config(args.arch)
     batch = make_batch(args.batch, config.vision.image_size, config.text.context_length)
-    flops = model_flops(config, args.batch)
+    flops = clip.train_flops(clip.create_model(args.arch), args.batch)
     rows = []
     for precision in args.precision:
         print(f"\n{precision}: compiling clipjax (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -297,7 +281,7 @@ def main(argv=None) -> None:
     for (side, prec), (rate, n) in peaks.items():
         print(f"  {'jax' if side == 'clipjax' else 'torch':<6}{prec:<6}{rate / 1e9:8.1f} GFLOP/s"
               f"  n={n}")
-    print(f"\nmodel FLOPs/step {flops / 1e12:.3f} TFLOP (3 x forward matmul FLOPs); "
+    print(f"\nmodel FLOPs/step {flops / 1e12:.3f} TFLOP (clip.train_flops: 3 x forward); "
           f"load average at end {os.getloadavg()}")
     print(f"{'precision':<10}{'side':<10}{'steps':>6}{'median s':>10}{'min-max s':>14}"
           f"{'CPU s':>7}{'img/s':>8}{'MFU':>7}{'XLA TFLOP':>10}{'ratio':>8}")

@@ -378,7 +378,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         _jsonl_upto(log_path, start)
     writer = summary.Writer(workdir / "tensorboard") if is_main else None
     peak = peak_flops_per_device() * jax.device_count()
-    flops_per_step = None
+    flops_per_step = clip.train_flops(model, config.global_batch)
     preempt = Preemption()
     progress = tqdm.tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True)
     last: dict = {}
@@ -387,11 +387,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         for step in range(start + 1, steps + 1):
             batch = next(data)
             batch = sharding.shard_batch({k: batch[k] for k in ("image", "text")}, mesh)
-            if flops_per_step is None:
-                cost = step_fn.lower(state, batch).compile().cost_analysis()
-                cost = cost[0] if isinstance(cost, list) else cost
-                flops_per_step = float(cost.get("flops", 0.0)) * (
-                    jax.device_count() if cost.get("flops", 0.0) else 0)
             state, metrics = step_fn(state, batch)
             stop = preempt.requested  # read once: a signal arriving later waits a step
             log_now = step % config.log_every_steps == 0 or step == steps

@@ -7,6 +7,7 @@ import pytest
 
 import clipjax
 from clipjax import convert
+from clipjax.models import clip
 from clipjax.models.clip import count_params
 
 # Trainable parameters of OpenCLIP's torch models of the same names (the image tower;
@@ -197,3 +198,26 @@ def test_bad_inputs_have_clear_errors(vit):
         clipjax.create_model("ViT-tiny", bogus=1)
     with pytest.raises(ValueError, match="remat policy"):
         clipjax.create_model("ViT-tiny", remat="sometimes")
+
+
+def _vit_matmul_flops(model, batch: int) -> float:
+    """Forward matmul FLOPs of a ViT CLIP, counted by hand from its config."""
+    c, v, t = model.config, model.config.vision, model.config.text
+
+    def tower(n, d, depth, mlp):  # qkv, scores and values, out projection, MLP
+        return depth * 2 * n * (3 * d * d + 2 * n * d + d * d + 2 * d * mlp)
+
+    patches = (v.image_size // v.patch_size) ** 2
+    image = (2 * patches * v.patch_size**2 * 3 * v.width
+             + tower(patches + 1, v.width, v.layers, v.mlp_dim) + 2 * v.width * c.embed_dim)
+    text = tower(t.context_length, t.width, t.layers, 4 * t.width) + 2 * t.width * c.embed_dim
+    return batch * (image + text) + 2 * batch * batch * c.embed_dim
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
+def test_train_flops_counts_every_layer(name):
+    """3 x the hand count (XLA adds elementwise work); a scanned model counts the same."""
+    expected = 3 * _vit_matmul_flops(clip.create_model(name), 256)
+    for scan in (False, True):
+        got = clip.train_flops(clip.create_model(name, scan=scan, remat="full"), 256)
+        assert 1.0 <= got / expected <= 1.03, (scan, got / expected)

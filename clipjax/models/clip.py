@@ -108,6 +108,23 @@ def abstract_params(model: CLIP):
     return nn.meta.unbox(_boxed_shapes(model))
 
 
+def train_flops(model: CLIP, batch: int) -> float:
+    """Model FLOPs of one training step on `batch` pairs: 3 x the forward, plus the logits.
+
+    The forward is counted by XLA's cost analysis of one unscanned, unrematerialised pair
+    (a scanned model's loop body would be counted once, not once per layer); recomputation
+    under remat is not model FLOPs, so MFU stays comparable across remat policies.
+    """
+    plain = model.clone(scan=False, remat="none", train=False)
+    image, text = dummy_inputs(plain)
+    cost = jax.jit(lambda p, i, t: plain.apply({"params": p}, i, t)).lower(
+        abstract_params(plain), jax.ShapeDtypeStruct(image.shape, image.dtype),
+        jax.ShapeDtypeStruct(text.shape, text.dtype)).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    logits = 2 * batch * batch * model.config.embed_dim  # the N x N logits, shared by both directions
+    return 3 * (float(cost["flops"]) * batch + logits)
+
+
 def count_params(params, prefix: str = "") -> int:
     """Trainable parameters under `prefix` ("visual", "text" or all), as torch counts them.
 
