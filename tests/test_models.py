@@ -87,7 +87,8 @@ def test_text_pools_at_end_of_text(vit):
 def test_vit_features_reach_the_embedding(vit):
     model, params = vit
     img, _ = _inputs(model)
-    emb, feats = model.apply({"params": params}, img, method="image_features")
+    emb, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method="image_features"))(
+        params, img)
     v = model.config.vision
     n = (v.image_size // v.patch_size) ** 2 + 1
     assert feats["blocks"].shape == (v.layers, len(img), n, v.width)
@@ -113,7 +114,8 @@ def test_resnet_features_and_batchnorm_modes():
     model = clipjax.create_model("RN-tiny")
     params = clipjax.init_params(model, jax.random.key(0))
     img, _ = _inputs(model, batch=4)
-    emb, feats = model.apply({"params": params}, img, method="image_features")
+    emb, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method="image_features"))(
+        params, img)
     w, s = model.config.vision.width, model.config.vision.image_size
     assert feats["stem"].shape == (4, s // 4, s // 4, w)
     for i in range(1, 5):
@@ -121,7 +123,8 @@ def test_resnet_features_and_batchnorm_modes():
     assert emb.shape == (4, model.config.embed_dim)
     # Training mode normalises with the batch's statistics and reports them.
     train = model.clone(train=True)
-    _, state = train.apply({"params": params}, img, method="encode_image", mutable=["batch_stats"])
+    _, state = jax.jit(lambda p, x: train.apply({"params": p}, x, method="encode_image",
+                                                mutable=["batch_stats"]))(params, img)
     x = np.asarray(jax.lax.conv_general_dilated(
         img, params["visual"]["conv1"]["kernel"], (2, 2), [(1, 1), (1, 1)],
         dimension_numbers=("NHWC", "HWIO", "NHWC")))
@@ -145,8 +148,8 @@ def test_scan_and_remat_match_the_plain_stack(arch):
         i, t, scale, _ = model.apply({"params": p}, img, tok)
         return jnp.sum(i @ t.T) * scale
 
-    a, ga = jax.value_and_grad(lambda p: loss(plain, p))(params)
-    b, gb = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+    a, ga = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    b, gb = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(stacked)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     gb = convert._unflatten(convert.unstack_layers(convert._flatten(gb)))
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
@@ -214,7 +217,7 @@ def _vit_matmul_flops(model, batch: int) -> float:
     return batch * (image + text) + 2 * batch * batch * c.embed_dim
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
+@pytest.mark.parametrize("name", ["ViT-B-32"])
 def test_train_flops_counts_every_layer(name):
     """3 x the hand count (XLA adds elementwise work); a scanned model counts the same."""
     expected = 3 * _vit_matmul_flops(clip.create_model(name), 256)
