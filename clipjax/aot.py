@@ -54,9 +54,9 @@ def topology_devices(name: str):
         raise
 
 
-def compile_train_step(config, topology: str) -> dict:
-    """Per-chip memory and FLOPs of `config`'s train step compiled for `topology`."""
-    devices = topology_devices(topology)
+def abstract_step(config, devices):
+    """(model, mesh, jitted train step, abstract sharded TrainState, abstract batch): all a
+    compile needs, allocating nothing."""
     mesh = sharding.create_mesh(**{k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")},
                                 devices=devices)
     model = train.build_model(config)
@@ -66,11 +66,11 @@ def compile_train_step(config, topology: str) -> dict:
     optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=steps),
                                        clip.abstract_params(model), arch=config.model)
     shardings = train.state_shardings(model, optimizer, mesh)
-    abstract = jax.eval_shape(lambda: train.TrainState(
+    state = jax.eval_shape(lambda: train.TrainState(
         step=jnp.zeros((), jnp.int32), params=clip.abstract_params(model),
         opt_state=optimizer.init(clip.abstract_params(model))))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, shardings)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
     size, ctx = model.config.vision.image_size, model.config.text.context_length
     b = config.global_batch
     batch = {  # images travel as uint8 and are normalised on the device
@@ -81,6 +81,14 @@ def compile_train_step(config, topology: str) -> dict:
     step = train.make_train_step(
         model, optimizer, mesh, shardings, loss=config.loss, accum_steps=config.accum_steps,
         loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {})
+    return model, mesh, step, state, batch
+
+
+def compile_train_step(config, topology: str) -> dict:
+    """Per-chip memory and FLOPs of `config`'s train step compiled for `topology`."""
+    devices = topology_devices(topology)
+    model, mesh, step, abstract, batch = abstract_step(config, devices)
+    b = config.global_batch
     kind = devices[0].device_kind
     hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
                 if kind.startswith(k)), None)
@@ -127,16 +135,15 @@ def _exhausted(message: str) -> dict:
 
 
 def format_report(r: dict) -> str:
-    fits = {True: "fits", False: "DOES NOT FIT", None: "unknown HBM"}[r["fits"]]
-    if "error" in r:
-        return "\n".join([
-            f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
-            f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
-            f"DOES NOT FIT: XLA needs about {r['total_gib']:.2f} GiB per chip of "
-            f"{r['hbm_gib']} GiB HBM ({r['error']})"])
-    return "\n".join([
+    lines = [
         f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
         f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
+    ]
+    if "error" in r:
+        return "\n".join(lines + [f"DOES NOT FIT: XLA needs about {r['total_gib']:.2f} GiB per "
+                                  f"chip of {r['hbm_gib']} GiB HBM ({r['error']})"])
+    fits = {True: "fits", False: "DOES NOT FIT", None: "unknown HBM"}[r["fits"]]
+    return "\n".join(lines + [
         f"per chip: arguments {r['arguments_gib']:.2f} GiB, outputs {r['outputs_gib']:.2f} GiB "
         f"(donated/aliased {r['aliased_gib']:.2f}), temporaries {r['temporaries_gib']:.2f} GiB",
         f"per chip total {r['total_gib']:.2f} GiB of {r['hbm_gib']} GiB HBM: {fits}",

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="TPU ahead-of-time compiles need the tpu extra (libtpu)")
 
-from clipjax import aot, config as config_lib, optim, sharding, train  # noqa: E402
+from clipjax import aot, config as config_lib, train  # noqa: E402
 from clipjax.models import clip  # noqa: E402
 
 TINY = ["global_batch=64", "eval.zeroshot=''"]
@@ -35,33 +35,21 @@ def _shard_bytes(tree) -> int:
 
 
 def test_compile_reports_per_chip_memory_and_flops():
-    """Arguments per chip equal the state and batch shards; FLOPs are about 3x the forward."""
+    """Arguments per chip are the state and batch shards; FLOPs are the model's."""
     config = config_lib.load_config("default", TINY)
     r = aot.compile_train_step(config, "v5e:2x2")
     assert (r["chips"], r["device_kind"], r["hbm_gib"], r["fits"]) == (4, "TPU v5 lite", 16, True)
 
-    mesh = sharding.create_mesh(data=-1, fsdp=1, tensor=1,
-                                devices=aot.topology_devices("v5e:2x2"))
-    model = train.build_model(config)
-    optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=1000),
-                                       clip.abstract_params(model), arch=config.model)
-    shardings = train.state_shardings(model, optimizer, mesh)
-    state = jax.eval_shape(lambda: optimizer.init(clip.abstract_params(model)))
-    state = (clip.abstract_params(model), state)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, (shardings.params, shardings.opt_state))
-    size, ctx = model.config.vision.image_size, model.config.text.context_length
-    batch_bytes = 64 * (size * size * 3 + ctx * 4) // 4  # uint8 images, int32 tokens
-    expected = _shard_bytes(state) + 4 + batch_bytes  # + the int32 step
+    model, _, _, state, batch = aot.abstract_step(config, aot.topology_devices("v5e:2x2"))
+    expected = _shard_bytes((state, batch))
     # XLA:TPU counts its padded tile layouts, so a little more than the logical bytes.
     assert expected <= r["arguments_gib"] * 2**30 <= 1.15 * expected, (r, expected)
     assert r["temporaries_gib"] > 0 and r["total_gib"] < 1
-
     assert r["tflops_per_step"] * 1e12 == clip.train_flops(model, 64)
 
 
 def test_a_step_that_cannot_fit_is_reported_not_raised():
-    """~20 GiB of uint8 images per 16 GiB v5e chip: 'does not fit', with XLA's figure."""
+    """A batch far past a 16 GiB v5e chip: 'does not fit', with XLA's figure."""
     config = config_lib.load_config("default", TINY)
     size = train.build_model(config).config.vision.image_size
     rows = (20 * 2**30 // (size * size * 3)) // 64 * 64 * 4  # ~20 GiB of images per chip
