@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipjax import cli
+from clipjax import cli, tfrecord
 from clipjax.data import arrayrecord, pipeline, sources, transforms
 from clipjax.data.transforms import CLIP_MEAN, CLIP_STD
 from clipjax.tokenizer import tokenize
@@ -355,8 +355,8 @@ def _to_tfrecord(array_record_dir: str, out_dir: str) -> None:
                 for i in range(len(records)):
                     data = records[i]
                     length = struct.pack("<Q", len(data))
-                    f.write(length + struct.pack("<I", sources.masked_crc32c(length)) + data
-                            + struct.pack("<I", sources.masked_crc32c(data)))
+                    f.write(length + struct.pack("<I", tfrecord.masked_crc32c(length)) + data
+                            + struct.pack("<I", tfrecord.masked_crc32c(data)))
             os.remove(path)
     info_path = os.path.join(out_dir, "dataset_info.json")
     info = json.load(open(info_path))
@@ -365,7 +365,7 @@ def _to_tfrecord(array_record_dir: str, out_dir: str) -> None:
 
 
 def test_crc32c_known_answer():
-    assert sources.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert tfrecord.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 def test_tfds_array_record_and_tfrecord_without_tensorflow(tmp_path):

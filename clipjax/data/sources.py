@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipjax.tfrecord import crc32c, masked_crc32c  # noqa: F401 (re-exported)
+from clipjax.tfrecord import masked_crc32c
 
 log = logging.getLogger("clipjax.data")
 _OPEN_LOCK = threading.Lock()
