@@ -17,6 +17,12 @@ float32) against `torch.autocast(device, dtype=torch.bfloat16)`, which casts the
 of linear / matmul / bmm / conv / scaled_dot_product_attention to bf16 and leaves
 parameters float32.
 
+Host memory: by default both sides run with freed memory kept in the process
+(`clipjax.hostmem`, what `clipjax train` does on a CPU): one glibc malloc arena, no mmap,
+no trimming. It is set before either framework allocates, so it applies to both; OpenCLIP
+gains from it too. `--host-malloc system` keeps glibc's defaults, under which XLA:CPU
+maps a fresh multi-GB block for every step's temporaries and page-faults all of it.
+
 Steps of the two sides alternate after the warm-up, so both see the same machine load;
 the figure is the median step. The matmul peak (square matmul, f32 and bf16 operands
 with f32 accumulation) is measured in the same run on both frameworks, and MFU is model
@@ -28,6 +34,7 @@ beside it.
 import argparse
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -42,7 +49,7 @@ import torch  # noqa: E402
 
 import clipjax  # noqa: E402
 import reference  # noqa: E402
-from clipjax import optim, sharding, train  # noqa: E402
+from clipjax import hostmem, optim, sharding, train  # noqa: E402
 from clipjax.models import clip  # noqa: E402
 
 OPTIMIZER = {"lr": 5e-4, "warmup_steps": 10, "total_steps": 1000, "weight_decay": 0.2}
@@ -201,27 +208,30 @@ def openclip_step(arch: str, batch_np: dict, precision: str, device: str):
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], warmup: int, steps: int,
-                     max_step_s: float = 0.0) -> dict[str, list[tuple[float, float]]]:
-    """(wall, process CPU) seconds of each timed step; the sides alternate step by step.
+                     max_step_s: float = 0.0) -> dict[str, list[tuple[float, float, int]]]:
+    """(wall s, process CPU s, minor page faults) of each timed step; the sides alternate.
 
     A side whose step takes longer than max_step_s (0: no limit) runs no more steps and
     keeps that one time, flagged by the report as an estimate.
     """
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in runs}
     slow: set[str] = set()
     for i in range(warmup + steps):
         for name, run in runs.items():
             if name in slow:
                 continue
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, c = time.perf_counter(), time.process_time()
             run()
             dt, dc = time.perf_counter() - t, time.process_time() - c
+            df = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
             if i >= warmup or (max_step_s and dt > max_step_s):
-                times[name].append((dt, dc))
+                times[name].append((dt, dc, df))
             if max_step_s and dt > max_step_s:
                 slow.add(name)
             print(f"  {'warm-up' if i < warmup else 'step'} {i + 1:>2} {name:<9}{dt:8.2f} s "
-                  f"(CPU {dc:6.2f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"(CPU {dc:6.2f} s, {df:>7} page faults, load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     return times
 
 
@@ -241,15 +251,20 @@ def main(argv=None) -> None:
                         help="torch intra-op threads (XLA uses every core)")
     parser.add_argument("--max-step-s", type=float, default=0.0,
                         help="stop timing a side whose first step exceeds this (0: never)")
+    parser.add_argument("--host-malloc", default="retain", choices=["retain", "system"],
+                        help="retain: keep freed host memory (both sides; clipjax train's CPU "
+                        "default); system: glibc's defaults")
     args = parser.parse_args(argv)
     if args.steps < 5:
         parser.error("--steps must be at least 5 (the figure is a median).")
+    retained = hostmem.configure(args.host_malloc)  # before either framework allocates
 
     setup_device(args.device, args.threads)
     dev = jax.devices()[0]
     print(f"{args.arch}, batch {args.batch}, {dev.device_kind} ({dev.platform}), "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), {os.cpu_count()} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"threads), {os.cpu_count()} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"host malloc {'retained' if retained else 'glibc defaults'}")
     print(f"load average {os.getloadavg()}")
     peaks = measure_peaks(args.device)
 
@@ -266,11 +281,12 @@ def main(argv=None) -> None:
         times = time_interleaved({"clipjax": jax_run, "openclip": torch_run}, args.warmup,
                                  args.steps, args.max_step_s)
         for side in ("clipjax", "openclip"):
-            wall = [w for w, _ in times[side]]
+            wall = [w for w, _, _ in times[side]]
             step_s = statistics.median(wall)
             rows.append({"precision": precision, "side": side, "step_s": step_s,
                          "n": len(wall), "lo": min(wall), "hi": max(wall),
-                         "cpu_s": statistics.median(c for _, c in times[side]),
+                         "cpu_s": statistics.median(c for _, c, _ in times[side]),
+                         "faults": statistics.median(f for _, _, f in times[side]),
                          "ips": args.batch / step_s,
                          "xla": xla_flops if side == "clipjax" else None})
 
@@ -284,7 +300,7 @@ def main(argv=None) -> None:
     print(f"\nmodel FLOPs/step {flops / 1e12:.3f} TFLOP (clip.train_flops: 3 x forward); "
           f"load average at end {os.getloadavg()}")
     print(f"{'precision':<10}{'side':<10}{'steps':>6}{'median s':>10}{'min-max s':>14}"
-          f"{'CPU s':>7}{'img/s':>8}{'MFU':>7}{'XLA TFLOP':>10}{'ratio':>8}")
+          f"{'CPU s':>7}{'faults':>9}{'img/s':>8}{'MFU':>7}{'XLA TFLOP':>10}{'ratio':>8}")
     for row in rows:
         other = next(r for r in rows if r["precision"] == row["precision"] and r is not row)
         estimate = min(row["n"], other["n"]) < args.steps
@@ -293,11 +309,13 @@ def main(argv=None) -> None:
         xla = f"{row['xla'] / 1e12:.3f}" if row["xla"] else ""
         row["mfu"] = flops / row["step_s"] / machine[row["precision"]]
         print(f"{row['precision']:<10}{row['side']:<10}{row['n']:>6}{row['step_s']:10.2f}"
-              f"{row['lo']:8.2f}-{row['hi']:<5.2f}{row['cpu_s']:7.1f}{row['ips']:8.2f}"
+              f"{row['lo']:8.2f}-{row['hi']:<5.2f}{row['cpu_s']:7.1f}{row['faults']:9.0f}"
+              f"{row['ips']:8.2f}"
               f"{row['mfu']:7.1%}{xla:>10}{ratio:>8}")
     print("ratio: clipjax img/s / OpenCLIP img/s (~: a side ran fewer steps than asked, over "
           "--max-step-s).\nCPU s: process CPU time of the median step, all threads; well "
-          "under cores x wall means other processes held the cores.\nMFU: model FLOPs / "
+          "under cores x wall means other processes held the cores.\nfaults: minor page faults "
+          "of the median step (memory mapped afresh and touched).\nMFU: model FLOPs / "
           f"median step / the machine's peak at that precision (fp32 "
           f"{machine['fp32'] / 1e9:.0f}, bf16 {machine['bf16'] / 1e9:.0f} GFLOP/s, the faster "
           "framework's).")

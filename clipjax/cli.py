@@ -113,9 +113,10 @@ def initialize_distributed(args) -> None:
 
 
 def _train(args) -> None:
-    from clipjax import config as config_lib, train
+    from clipjax import config as config_lib, hostmem, train
 
     config = config_lib.load_config(args.config, args.overrides)
+    hostmem.configure()  # before any backend exists: XLA's threads pick their malloc arena once
     initialize_distributed(args)
     name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
     workdir = args.workdir or f"clipjax-{name}"

@@ -152,8 +152,11 @@ def test_scan_and_remat_match_the_plain_stack(arch):
     b, gb = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(stacked)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     gb = convert._unflatten(convert.unstack_layers(convert._flatten(gb)))
+    # Some leaves are float32 noise 1e5 times below the largest gradient (RN's attention-pool
+    # key bias should be exactly 0), so their own scale alone is no yardstick.
+    largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(ga))
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5 * np.abs(x).max())
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5 * np.abs(x).max() + 1e-8 * largest)
 
 
 def test_bf16_compute_keeps_float32_params_and_close_outputs(vit):

@@ -25,10 +25,11 @@ class Conv(nn.Module):
                                                              in_axis=(0, 1, 2), out_axis=3),
             (k, k, x_BYXC.shape[-1], self.features), (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
         pad = k // 2
-        return jax.lax.conv_general_dilated(
+        y = jax.lax.conv_general_dilated(  # accumulated in float32, as layers.einsum
             x_BYXC.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-            [(pad, pad), (pad, pad)],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)
 
 
 class BatchNorm(nn.Module):

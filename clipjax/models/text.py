@@ -44,7 +44,7 @@ class TextTransformer(nn.Module):
         pooled_BD = jnp.take_along_axis(x_BLD, eot_B[:, None, None], axis=1)[:, 0]
         proj_DE = layers.param_with_axes(self, "text_projection", nn.initializers.normal(d**-0.5),
                                          (d, self.embed_dim), (EMBED, JOINT))
-        out_BE = jnp.dot(pooled_BD, proj_DE.astype(self.dtype))
+        out_BE = layers.einsum("bd,de->be", pooled_BD, proj_DE, self.dtype)
         if not return_features:
             return out_BE
         return out_BE, {"blocks": blocks_LBLD, "tokens": x_BLD}

@@ -38,7 +38,7 @@ class VisionTransformer(nn.Module):
         # A stride-p convolution with a p x p kernel is a matmul over non-overlapping patches.
         patches_BNP = img_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches_BNP = patches_BNP.reshape(b, (h // p) * (w // p), p * p * c)
-        x_BND = jnp.dot(patches_BNP.astype(self.dtype), kernel.reshape(p * p * c, d).astype(self.dtype))
+        x_BND = layers.einsum("bnp,pd->bnd", patches_BNP, kernel.reshape(p * p * c, d), self.dtype)
 
         cls_D = layers.param_with_axes(self, "class_embedding", normal, (d,), (EMBED,))
         pos_ND = layers.param_with_axes(self, "positional_embedding", normal,
@@ -52,7 +52,7 @@ class VisionTransformer(nn.Module):
             scan=self.scan, remat=self.remat, name="transformer")(x_BND, return_all=return_features)
         x_BND = layers.LayerNorm(name="ln_post")(x_BND)
         proj_DE = layers.param_with_axes(self, "proj", normal, (d, self.embed_dim), (EMBED, JOINT))
-        out_BE = jnp.dot(x_BND[:, 0], proj_DE.astype(self.dtype))
+        out_BE = layers.einsum("bd,de->be", x_BND[:, 0], proj_DE, self.dtype)
         if not return_features:
             return out_BE
         return out_BE, {"blocks": blocks_LBND, "tokens": x_BND}
