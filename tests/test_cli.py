@@ -28,9 +28,12 @@ def test_info_counts_and_flops(capsys):
     c = clipjax.get_config("ViT-tiny")
     v = c.vision
     n = (v.image_size // v.patch_size) ** 2 + 1
-    per_block = 2 * n * (4 * v.width * v.width + 2 * v.width * v.mlp_dim) + 4 * n * n * v.width
-    patch = 2 * (n - 1) * v.patch_size**2 * 3 * v.width
-    matmuls = v.layers * per_block + patch + 2 * v.width * c.embed_dim
+    d = v.width
+    per_block = 2 * n * (4 * d * d + 2 * d * v.mlp_dim) + 4 * n * n * d
+    # The last block computes the class token only, over keys and values of all n.
+    last = 2 * n * 2 * d * d + 2 * (2 * d * d + 2 * d * v.mlp_dim) + 4 * n * d
+    patch = 2 * (n - 1) * v.patch_size**2 * 3 * d
+    matmuls = (v.layers - 1) * per_block + last + patch + 2 * d * c.embed_dim
     assert matmuls / 1e9 <= info["gflops_image"] < 1.2 * matmuls / 1e9
     cli.main(["info", "ViT-tiny"])
     assert "ViT-tiny" in capsys.readouterr().out

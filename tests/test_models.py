@@ -84,6 +84,34 @@ def test_text_pools_at_end_of_text(vit):
                                emb[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "none")])
+def test_pooled_last_block_equals_the_full_stack(vit, scan, remat):
+    """encode_* computes only the pooled token in the last block; the features path all."""
+    model, params = vit
+    model = model.clone(scan=scan, remat=remat)
+    if scan:
+        params = convert._unflatten(convert.stack_layers(convert._flatten(params)))
+    img, tok = _inputs(model)
+
+    def embeddings(p, pooled: bool):
+        if pooled:
+            return (model.apply({"params": p}, img, method="encode_image"),
+                    model.apply({"params": p}, tok, method="encode_text"))
+        return (model.apply({"params": p}, img, method="image_features")[0],
+                model.apply({"params": p}, tok, method="text_features")[0])
+
+    def loss(p, pooled):
+        i, t = embeddings(p, pooled)
+        return jnp.sum(jnp.sin(i @ t.T))
+
+    for a, b in zip(embeddings(params, True), embeddings(params, False)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    ga, gb = (jax.jit(jax.grad(loss), static_argnums=1)(params, pooled) for pooled in (True, False))
+    largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(gb))
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * largest)
+
+
 def test_vit_features_reach_the_embedding(vit):
     model, params = vit
     img, _ = _inputs(model)
@@ -211,7 +239,9 @@ def _vit_matmul_flops(model, batch: int) -> float:
     c, v, t = model.config, model.config.vision, model.config.text
 
     def tower(n, d, depth, mlp):  # qkv, scores and values, out projection, MLP
-        return depth * 2 * n * (3 * d * d + 2 * n * d + d * d + 2 * d * mlp)
+        # The last block computes one query (the pooled token) over keys and values of all n.
+        last = 2 * n * 2 * d * d + 2 * (d * d + 2 * n * d + d * d + 2 * d * mlp)
+        return (depth - 1) * 2 * n * (3 * d * d + 2 * n * d + d * d + 2 * d * mlp) + last
 
     patches = (v.image_size // v.patch_size) ** 2
     image = (2 * patches * v.patch_size**2 * 3 * v.width

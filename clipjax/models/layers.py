@@ -41,6 +41,16 @@ def shard_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def pick_token(x_BND: jax.Array, index: int | jax.Array) -> jax.Array:
+    """x_BND's token at `index` (one position for all rows, or one per row [B]) as [B, 1, D]."""
+    if isinstance(index, int):
+        return x_BND[:, index:index + 1]
+    index = jnp.asarray(index)
+    if index.ndim == 0:  # an int that jax.checkpoint (remat) turned into an array
+        return jax.lax.dynamic_slice_in_dim(x_BND, index, 1, axis=1)
+    return jnp.take_along_axis(x_BND, index[:, None, None], axis=1)
+
+
 def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
                     axes: Sequence[str | None], dtype: Dtype = jnp.float32) -> jax.Array:
     """A parameter annotated with logical axis names."""
@@ -147,7 +157,9 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array, causal: bool = False) -> jax.Array:
+    def __call__(self, x_BND: jax.Array, causal: bool = False,
+                 query: int | jax.Array | None = None) -> jax.Array:
+        """[B, N, D] -> [B, N, D]; with `query` (see pick_token) only that token's output, [B, 1, D]."""
         d = x_BND.shape[-1]
         h = self.num_heads
         k = d // h
@@ -155,10 +167,21 @@ class MultiHeadAttention(nn.Module):
         w_DTHK = param_with_axes(self, "in_proj_kernel", init, (d, 3, h, k), (EMBED, QKV, HEADS, KV))
         b_THK = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (3, h, k),
                                 (QKV, HEADS, KV))
-        qkv_BNTHK = einsum("bnd,dthk->bnthk", x_BND, w_DTHK, self.dtype, b_THK)
-        # split, not indexing: its transpose is one concatenate, not three pads and two adds.
-        q_BNHK, k_BNHK, v_BNHK = (t.squeeze(2) for t in jnp.split(qkv_BNTHK, 3, axis=2))
-        o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal)
+        if query is None:
+            qkv_BNTHK = einsum("bnd,dthk->bnthk", x_BND, w_DTHK, self.dtype, b_THK)
+            # split, not indexing: its transpose is one concatenate, not three pads and two adds.
+            q_BNHK, k_BNHK, v_BNHK = (t.squeeze(2) for t in jnp.split(qkv_BNTHK, 3, axis=2))
+            o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal)
+        else:  # one query; keys and values of every token
+            q_BNHK = einsum("bnd,dhk->bnhk", pick_token(x_BND, query), w_DTHK[:, 0], self.dtype,
+                            b_THK[0])
+            kv_BNTHK = einsum("bnd,dthk->bnthk", x_BND, w_DTHK[:, 1:], self.dtype, b_THK[1:])
+            k_BNHK, v_BNHK = (t.squeeze(2) for t in jnp.split(kv_BNTHK, 2, axis=2))
+            # A causal query sees the keys up to its own position.
+            seen_B = (jnp.broadcast_to(jnp.asarray(query, jnp.int32), x_BND.shape[:1]) + 1
+                      if causal else None)
+            o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK,
+                                                  key_value_seq_lengths=seen_B)
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         w_HKD = param_with_axes(self, "out_proj_kernel", out_init, (h, k, d), (HEADS, KV, EMBED))
         b_D = param_with_axes(self, "out_proj_bias", nn.initializers.zeros, (d,), (EMBED,))
@@ -191,10 +214,13 @@ class ResidualBlock(nn.Module):
     emit_features: bool = False
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array, _=None) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x_BND: jax.Array, _=None, only: int | jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """With `only` (see pick_token), computes and returns just that token, [B, 1, D]."""
         x_BND = shard_rows(x_BND)
         y = LayerNorm(name="ln_1")(x_BND)
-        x_BND = x_BND + MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal)
+        attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal, only)
+        x_BND = (x_BND if only is None else pick_token(x_BND, only)) + attn
         y = LayerNorm(name="ln_2")(shard_rows(x_BND))
         x_BND = shard_rows(x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y))
         # A scan body: the second output is stacked over layers, so emit it only on request.
@@ -215,7 +241,9 @@ class Transformer(nn.Module):
     """A stack of residual blocks, optionally scanned over layers and rematerialised.
 
     Returns the final tokens and, when `return_all`, every block's output stacked as
-    [layers, B, N, D] (the features later heads read).
+    [layers, B, N, D] (the features later heads read). Given `pool` (see pick_token), it
+    returns only that token, [B, 1, D]: the last block then computes just that one (its
+    keys and values still come from every token), 1/12 less work for a 12-layer tower.
     """
 
     layers: int
@@ -228,7 +256,8 @@ class Transformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array, return_all: bool = False):
+    def __call__(self, x_BND: jax.Array, return_all: bool = False,
+                 pool: int | jax.Array | None = None):
         block = ResidualBlock
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -238,9 +267,14 @@ class Transformer(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             length=self.layers, metadata_params={nn.PARTITION_NAME: LAYERS})
             x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, None)
+            if pool is not None:  # the scanned stack computes every token of every layer
+                x_BND = pick_token(x_BND, pool)
             return x_BND, (all_LBND if return_all else None)
         features = []
         for i in range(self.layers):
-            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, None)
+            only = pool if i == self.layers - 1 and not return_all else None
+            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, None, only)
             features.append(feature_BND)
+        if pool is not None and return_all:
+            x_BND = pick_token(x_BND, pool)
         return x_BND, (jnp.stack(features) if return_all else None)

@@ -35,13 +35,15 @@ class TextTransformer(nn.Module):
         pos_LD = layers.param_with_axes(self, "positional_embedding", nn.initializers.normal(0.01),
                                         (self.context_length, d), (POSITIONS, EMBED))
         x_BLD = (jnp.take(table_VD, tokens_BL, axis=0) + pos_LD[:length]).astype(self.dtype)
+        # End-of-text has the largest id in CLIP's vocabulary, so argmax finds it. Only its
+        # token is projected; the features ask for every token.
+        eot_B = jnp.argmax(tokens_BL, axis=-1)
         x_BLD, blocks_LBLD = layers.Transformer(
             self.layers, self.heads, 4 * d, self.activation, causal=True, dtype=self.dtype,
-            scan=self.scan, remat=self.remat, name="transformer")(x_BLD, return_all=return_features)
+            scan=self.scan, remat=self.remat, name="transformer")(
+                x_BLD, return_all=return_features, pool=None if return_features else eot_B)
         x_BLD = layers.LayerNorm(name="ln_final")(x_BLD)
-        # End-of-text has the largest id in CLIP's vocabulary, so argmax finds it.
-        eot_B = jnp.argmax(tokens_BL, axis=-1)
-        pooled_BD = jnp.take_along_axis(x_BLD, eot_B[:, None, None], axis=1)[:, 0]
+        pooled_BD = (layers.pick_token(x_BLD, eot_B) if return_features else x_BLD)[:, 0]
         proj_DE = layers.param_with_axes(self, "text_projection", nn.initializers.normal(d**-0.5),
                                          (d, self.embed_dim), (EMBED, JOINT))
         out_BE = layers.einsum("bd,de->be", pooled_BD, proj_DE, self.dtype)

@@ -47,9 +47,11 @@ class VisionTransformer(nn.Module):
         x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1) + pos_ND.astype(self.dtype)
         x_BND = layers.LayerNorm(name="ln_pre")(x_BND)
 
+        # Only the class token is projected; the features ask for every token.
         x_BND, blocks_LBND = layers.Transformer(
             self.layers, self.heads, self.mlp_dim, self.activation, causal=False, dtype=self.dtype,
-            scan=self.scan, remat=self.remat, name="transformer")(x_BND, return_all=return_features)
+            scan=self.scan, remat=self.remat, name="transformer")(
+                x_BND, return_all=return_features, pool=None if return_features else 0)
         x_BND = layers.LayerNorm(name="ln_post")(x_BND)
         proj_DE = layers.param_with_axes(self, "proj", normal, (d, self.embed_dim), (EMBED, JOINT))
         out_BE = layers.einsum("bd,de->be", x_BND[:, 0], proj_DE, self.dtype)
