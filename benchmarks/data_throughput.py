@@ -14,7 +14,7 @@ take turns for `--rounds` rounds and the median of each is reported.
 
 Cores to feed one accelerator = its training rate / images per CPU-second. The default
 rate, about 2,760 images/s, is ViT-B/32 on one A100 at 40% of its 312 bf16 TFLOP/s: forward
-8.95 + 6.10 GFLOPs per pair (`clipjax info`), times 3 for forward and backward.
+8.95 + 6.10 GFLOPs per pair (every token of every block), times 3 for forward and backward.
 
 OpenCLIP's side is `open_clip_train.data.get_wds_dataset` (PyTorch DataLoader, CPU build)
 and needs `pip install webdataset pandas`; torchvision's compiled operators need not load.
