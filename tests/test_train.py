@@ -118,6 +118,32 @@ def test_outputs_of_a_finished_run(uninterrupted):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_checkpoint_round_trip_compiles_nothing_in_one_process(tmp_path, caplog):
+    """Replicated and sharded arrays come back exactly, in their shardings; with one process
+    the save writes each replicated array once instead of slicing it among its 8 replicas
+    (a compiled slice per shape, seconds per save)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from clipjax import sharding
+    mesh = sharding.create_mesh(data=4, fsdp=2)
+    state = {"replicated": jax.device_put(np.arange(48.0).reshape(6, 8), NamedSharding(mesh, P())),
+             "sharded": jax.device_put(np.arange(64, dtype=np.int32).reshape(8, 8),
+                                       NamedSharding(mesh, P("data", "fsdp"))),
+             "step": jax.device_put(np.int32(7), NamedSharding(mesh, P()))}
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        ckpt.save(7, state, {"position": 3})
+        ckpt.wait()
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()], caplog.text
+    got, data = ckpt.restore(state)
+    ckpt.close()
+    assert data == {"position": 3}
+    for key in state:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(state[key]))
+        assert got[key].sharding == state[key].sharding and got[key].dtype == state[key].dtype
+
+
 def test_workdir_of_another_model_is_refused(tmp_path):
     checkpoint.check_workdir(tmp_path, {"model": "ViT-tiny", "scan": False})
     with pytest.raises(ValueError, match="holds a run of a different model.*'ViT-tiny'"):
