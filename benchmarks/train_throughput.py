@@ -249,8 +249,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch intra-op threads (XLA uses every core)")
-    parser.add_argument("--max-step-s", type=float, default=0.0,
-                        help="stop timing a side whose first step exceeds this (0: never)")
+    parser.add_argument("--max-step-s", type=float, default=300.0,
+                        help="stop timing a side whose step exceeds this (0: never); torch's "
+                        "bf16 step on a CPU without bf16 matmul units takes over 10 minutes")
     parser.add_argument("--host-malloc", default="retain", choices=["retain", "system"],
                         help="retain: keep freed host memory (both sides; clipjax train's CPU "
                         "default); system: glibc's defaults")
