@@ -42,8 +42,9 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     Replica-parallel saving splits each replicated array among its replicas so that every
     host writes a part. In one process every part comes from the same host, and the split
     costs a compiled slice per array shape and a dispatch per piece: seconds per save.
-    (Orbax's per-array metadata store is left out: it records typed PRNG keys, and a
-    TrainState holds none.)
+    The types are those orbax's StandardSave accepts (ocp.checkpoint_utils
+    .STANDARD_ARRAY_TYPES, numpy scalars included). Orbax's per-array metadata store is
+    left out: it records typed PRNG keys, and a TrainState holds none.
     """
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler(

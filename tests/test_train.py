@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax import checkpoint, config as config_lib, train
+from clipjax import checkpoint, config as config_lib, sharding, train
 
 # A short run of the built-in default: batch 64, no evaluation, a checkpoint every 2 steps.
 OVERRIDES = ["total_steps=10", "global_batch=64", "optimizer.warmup_steps=2",
@@ -122,10 +124,6 @@ def test_checkpoint_round_trip_compiles_nothing_in_one_process(tmp_path, caplog)
     """Replicated and sharded arrays come back exactly, in their shardings; with one process
     the save writes each replicated array once instead of slicing it among its 8 replicas
     (a compiled slice per shape, seconds per save)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from clipjax import sharding
     mesh = sharding.create_mesh(data=4, fsdp=2)
     state = {"replicated": jax.device_put(np.arange(48.0).reshape(6, 8), NamedSharding(mesh, P())),
              "sharded": jax.device_put(np.arange(64, dtype=np.int32).reshape(8, 8),
@@ -136,6 +134,9 @@ def test_checkpoint_round_trip_compiles_nothing_in_one_process(tmp_path, caplog)
         ckpt.save(7, state, {"position": 3})
         ckpt.wait()
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()], caplog.text
+    with jax.log_compiles(), caplog.at_level("WARNING"):  # the check above can see a compile
+        jax.jit(lambda x: x * 3 + 1)(state["replicated"])
+    assert [r for r in caplog.records if "Compiling" in r.getMessage()]
     got, data = ckpt.restore(state)
     ckpt.close()
     assert data == {"position": 3}
