@@ -42,15 +42,18 @@ def topology_name(name: str) -> str:
 
 
 def topology_devices(name: str):
+    """The devices of a TPU topology described, not attached (libtpu compiles for them)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies
+    name = topology_name(name)  # a bad name is reported before libtpu is looked for
+    from jax.experimental import topologies
 
-        return topologies.get_topology_desc(topology_name(name), "tpu").devices
+    try:
+        return topologies.get_topology_desc(name, "tpu").devices
     except (ImportError, RuntimeError) as e:
-        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "plugin" in str(e).lower():
-            raise ImportError("compiling for a TPU topology needs libtpu: "
-                              "pip install 'clipjax[tpu]'.") from e
+        # jax says "JAX TPU support not installed" when libtpu is missing.
+        if "not installed" in str(e) or "libtpu" in str(e).lower():
+            raise ImportError('compiling for a TPU topology needs libtpu, which is not '
+                              'installed: pip install "clipjax[tpu]".') from None
         raise
 
 
@@ -59,7 +62,7 @@ def abstract_step(config, devices):
     compile needs, allocating nothing."""
     mesh = sharding.create_mesh(**{k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")},
                                 devices=devices)
-    model = train.build_model(config)
+    model, _ = train.build_models(config)
     sharding.check_global_batch(config.global_batch, mesh)
     steps = max(train.total_steps(config) if config.total_steps or config.data.num_examples
                 else 10_000, config.optimizer.warmup_steps + 1)
@@ -78,9 +81,13 @@ def abstract_step(config, devices):
                                       sharding=sharding.batch_sharding(mesh, 4)),
         "text": jax.ShapeDtypeStruct((b, ctx), jnp.int32, sharding=sharding.batch_sharding(mesh, 2)),
     }
+    keys = train.batch_keys(config.loss)
+    if "label" in keys:
+        batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
     step = train.make_train_step(
         model, optimizer, mesh, shardings, loss=config.loss, accum_steps=config.accum_steps,
-        loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {})
+        loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {},
+        batch_keys=keys)
     return model, mesh, step, state, batch
 
 

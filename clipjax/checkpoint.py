@@ -90,6 +90,11 @@ class Checkpointer:
             data=ocp.args.JsonRestore()))
         return out.state, out.data
 
+    def delete(self, step: int) -> None:
+        """Removes a saved step (after its pending write has finished)."""
+        self.manager.wait_until_finished()
+        self.manager.delete(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 
@@ -13,66 +14,70 @@ from clipjax.evals import cli as evals_cli
 from clipjax.models import variants
 
 
-def model_info(arch: str) -> dict:
-    """Parameter counts per tower and forward GFLOPs per image and per caption.
+def model_info(arch: str, flops: bool = True) -> dict:
+    """Parameter counts per tower and, with `flops`, forward GFLOPs per image and per caption.
 
-    FLOPs come from XLA's cost analysis of the lowered encoders (a multiply-add counts
-    as 2), from abstract shapes only: nothing is allocated, so the largest models work.
+    Counts come from abstract shapes (nothing is allocated, so the largest models work);
+    FLOPs from XLA's cost analysis of the lowered encoders (a multiply-add counts as 2).
     """
     from clipjax.models.clip import abstract_params, count_params, create_model, dummy_inputs
 
-    model = create_model(arch)
-    params = abstract_params(model)
-    img, tok = dummy_inputs(model)
-
-    def gflops(method: str, x) -> float:
-        fn = jax.jit(functools.partial(model.apply, method=method))
-        cost = fn.lower({"params": params}, jax.ShapeDtypeStruct(x.shape, x.dtype)).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return cost["flops"] / 1e9
-
+    params = abstract_params(create_model(arch, scan=True))  # one traced block per tower
     config = variants.get_config(arch)
-    return {"arch": arch, "image_size": config.vision.image_size,
-            "params_image": count_params(params, "visual"), "params_text": count_params(params, "text"),
-            "params_total": count_params(params),
-            "gflops_image": gflops("encode_image", img), "gflops_text": gflops("encode_text", tok)}
+    info = {"arch": arch, "image_size": config.vision.image_size,
+            "params_image": count_params(params, "visual"),
+            "params_text": count_params(params, "text"), "params_total": count_params(params)}
+    if flops:
+        model = create_model(arch)
+        plain = abstract_params(model)
+        img, tok = dummy_inputs(model)
+
+        def gflops(method: str, x) -> float:
+            fn = jax.jit(functools.partial(model.apply, method=method))
+            cost = fn.lower({"params": plain},
+                            jax.ShapeDtypeStruct(x.shape, x.dtype)).cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            return cost["flops"] / 1e9
+
+        info.update(gflops_image=gflops("encode_image", img),
+                    gflops_text=gflops("encode_text", tok))
+    return info
 
 
 def _info(args) -> None:
     archs = args.arch or [n for n in variants.VARIANTS if "tiny" not in n]
-    rows = [model_info(a) for a in archs]
-    print(f"{'arch':<14}{'image':>6}{'params image':>14}{'params text':>13}{'total':>10}"
-          f"{'GFLOPs/image':>14}{'GFLOPs/caption':>16}")
-    for r in rows:
-        print(f"{r['arch']:<14}{r['image_size']:>6}{r['params_image'] / 1e6:>13.2f}M"
-              f"{r['params_text'] / 1e6:>12.2f}M{r['params_total'] / 1e6:>9.2f}M"
-              f"{r['gflops_image']:>14.2f}{r['gflops_text']:>16.2f}")
-
-
-def _is_clipjax_file(path: str) -> bool:
-    if not path.endswith(".safetensors"):
-        return False
-    from clipjax.convert import safetensors_metadata
-    return safetensors_metadata(path).get("format") == "clipjax"
+    head = f"{'arch':<14}{'image':>6}{'params image':>14}{'params text':>13}{'total':>10}"
+    if args.flops:
+        head += f"{'GFLOPs/image':>14}{'GFLOPs/caption':>16}"
+        print("FLOPs come from XLA's cost analysis: seconds per architecture.", file=sys.stderr)
+    print(head, flush=True)
+    for arch in archs:  # each row as soon as it is known
+        r = model_info(arch, flops=args.flops)
+        row = (f"{r['arch']:<14}{r['image_size']:>6}{r['params_image'] / 1e6:>13.2f}M"
+               f"{r['params_text'] / 1e6:>12.2f}M{r['params_total'] / 1e6:>9.2f}M")
+        if args.flops:
+            row += f"{r['gflops_image']:>14.2f}{r['gflops_text']:>16.2f}"
+        print(row, flush=True)
 
 
 def _convert(args) -> None:
-    from clipjax import convert
-    from clipjax.models.clip import count_params
+    from clipjax import weights
 
-    if _is_clipjax_file(args.src):  # clipjax -> PyTorch layout
-        arch, params = convert.load_params(args.src)
-        base = arch.removesuffix(variants.QUICKGELU_SUFFIX)
-        layout = "hf" if args.to == "hf" else "openclip"
-        convert.save_torch(args.dst, convert.to_torch(params, base, layout))
-        print(f"Wrote {args.dst}: {arch} in the {layout} layout.")
-        return
-    if args.to not in (None, "clipjax"):
-        raise ValueError(f"{args.src} is already a PyTorch checkpoint; --to {args.to} applies to "
-                         "clipjax parameter files.")
-    arch, params = convert.load_torch_checkpoint(args.src, args.arch)
-    convert.save_params(args.dst, params, arch)
-    print(f"Wrote {args.dst}: {arch}, {count_params(params) / 1e6:.2f}M parameters.")
+    w = weights.load(args.src, args.arch)
+    # By default a clipjax file goes back to PyTorch, and everything else comes to clipjax.
+    to = args.to or ("openclip" if weights.clipjax_file(Path(args.src)) else "clipjax")
+    written = weights.write(w, args.dst, to)
+    print(f"Wrote {', '.join(map(str, written))}: {w.description} from {w.source}, "
+          f"in the {to} layout.")
+
+
+def _export(args) -> None:
+    from clipjax import weights
+
+    w = weights.load(args.workdir, step=args.step)
+    written = weights.write(w, args.out, args.to)
+    print(f"Wrote {', '.join(map(str, written))}: {w.description} from {w.source}, "
+          f"in the {args.to} layout.")
 
 
 def _arch(name: str) -> str:
@@ -120,10 +125,7 @@ def _train(args) -> None:
     initialize_distributed(args)
     name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
     workdir = args.workdir or f"clipjax-{name}"
-    metrics = train.train_and_evaluate(config, workdir)
-    if jax.process_index() == 0:
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-        print(f"finished in {workdir}: {json.dumps(shown)}")
+    train.train_and_evaluate(config, workdir)  # prints its own summary
 
 
 def _compile(args) -> None:
@@ -139,28 +141,46 @@ def _compile(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipjax", description="CLIP in JAX: model facts and "
-                                     "checkpoint conversion (training and evaluation commands "
-                                     "arrive with later releases).")
+    parser = argparse.ArgumentParser(
+        prog="clipjax", description="CLIP in JAX: train (the built-in default runs offline on "
+        "a CPU), evaluate (zero-shot, retrieval, linear probes), embed and search image "
+        "folders, export and convert checkpoints, plan pod runs. Every --checkpoint takes a "
+        "training workdir, a step folder, a clipjax .safetensors or a PyTorch checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="parameter counts and GFLOPs of architectures")
+    p = sub.add_parser("info", help="parameter counts (and GFLOPs) of architectures")
     p.add_argument("arch", nargs="*", type=_arch, metavar="ARCH",
                    help="architecture names (default: every full-size one)")
+    p.add_argument("--flops", action="store_true",
+                   help="also forward GFLOPs per image and caption (XLA's count; slower)")
     p.set_defaults(fn=_info)
 
     p = sub.add_parser("convert", help="PyTorch CLIP checkpoint <-> clipjax parameters",
                        description="Convert an OpenAI (.pt, TorchScript included), OpenCLIP (.pt, "
-                       ".bin, .safetensors) or Hugging Face (folder or .safetensors) checkpoint to "
-                       "a clipjax .safetensors parameter file; given a clipjax file, convert back.")
-    p.add_argument("src", help="checkpoint file or Hugging Face model folder")
+                       ".bin, .safetensors) or Hugging Face (folder or .safetensors) checkpoint, "
+                       "or a training workdir, to a clipjax .safetensors parameter file; given a "
+                       "clipjax file, convert back (--to openclip, the default, or hf).")
+    p.add_argument("src", help="checkpoint file, Hugging Face model folder or training workdir")
     p.add_argument("dst", help="output file; written whole or not at all")
     p.add_argument("--arch", type=_arch, metavar="ARCH",
                    help="architecture (inferred from the shapes when omitted)")
     p.add_argument("--to", choices=["clipjax", "openclip", "hf"], default=None,
-                   help="target layout (default: clipjax for a PyTorch source, openclip for a "
-                   "clipjax source)")
+                   help="target layout (default: openclip for a clipjax file, clipjax for "
+                   "anything else); hf writes a model folder, or a state dict to a .safetensors")
     p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("export", help="a training run's parameters as a file other tools read",
+                       description="Write the parameters of a training workdir's latest (or "
+                       "--step) checkpoint: a clipjax .safetensors (architecture and training "
+                       "config recorded in it), an OpenCLIP state dict, or a Hugging Face model "
+                       "folder (config.json included).")
+    p.add_argument("workdir", metavar="WORKDIR", help="training workdir (or one step folder)")
+    p.add_argument("out", metavar="OUT", help="output file (.safetensors; .pt for openclip) or, "
+                   "for --to hf, a folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--to", choices=["clipjax", "openclip", "hf"], default="clipjax",
+                   help="layout (default clipjax)")
+    p.set_defaults(fn=_export)
 
     p = sub.add_parser("train", help="train CLIP (default: a tiny model on built-in shapes)",
                        description="Train from a config (a configs/ name or a .py file with "

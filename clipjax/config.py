@@ -25,13 +25,31 @@ def config_path(name: str) -> Path:
     if path.suffix != ".py":
         path = CONFIG_DIR / f"{name}.py"
     if not path.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py")) if CONFIG_DIR.exists() else []
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                       if not p.stem.startswith("_")) if CONFIG_DIR.exists() else []
         raise FileNotFoundError(f"config {name!r} not found; give a path to a .py file with "
                                 f"get_config(arg) or one of: {', '.join(known)}.")
     return path
 
 
+def _configs_package() -> None:
+    """Makes configs/ importable as clipjax.configs, as it is in an installed wheel, so that
+    config files share code through normal imports (`from clipjax.configs import _paper`).
+    A source checkout on sys.path (python -m from its root) has no such package otherwise."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        importlib.import_module("clipjax.configs")
+    except ModuleNotFoundError:
+        package = types.ModuleType("clipjax.configs")
+        package.__path__ = [str(CONFIG_DIR)]
+        sys.modules["clipjax.configs"] = package
+
+
 def _module(path: Path):
+    _configs_package()
     spec = importlib.util.spec_from_file_location(f"clipjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,7 +65,42 @@ def _parse(text: str):
         return text  # a bare word is a string
 
 
+def _set_model_field(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """model_overrides.FIELD[.SUBFIELD]=value: any field of the architecture's config."""
+    from clipjax.models import variants
+
+    field = dotted.split(".", 1)[1]
+    valid = variants.field_names()
+    if field not in valid:
+        raise ValueError(f"unknown config key {dotted!r}: the architecture has no field "
+                         f"{field!r}; model_overrides takes {', '.join(valid)}.")
+    node = config.model_overrides
+    *parents, key = field.split(".")
+    for name in parents:
+        if name not in node:
+            node[name] = ml_collections.ConfigDict()
+        node = node[name]
+    with node.ignore_type():
+        node[key] = _parse(text)
+
+
+def _check_model_overrides(config: ml_collections.ConfigDict) -> None:
+    """Each override keeps its field's type (a list for a tuple); one error names a bad one."""
+    from clipjax.models import variants
+
+    base = variants._flat(variants.to_dict(variants.get_config(config.model)))
+    given = variants._flat(config.model_overrides.to_dict())
+    for key, value in given.items():
+        old = base.get(key)
+        if old is not None and not _same_kind(old, value):
+            raise ValueError(f"config key 'model_overrides.{key}' takes a {type(old).__name__} "
+                             f"({config.model} has {old!r}); got {value!r}.")
+    variants.with_overrides(variants.get_config(config.model), given)  # unknown names
+
+
 def _set(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    if dotted.startswith("model_overrides.") and "model_overrides" in config:
+        return _set_model_field(config, dotted, text)
     *parents, key = dotted.split(".")
     node = config
     for i, name in enumerate(parents):
@@ -96,5 +149,7 @@ def load_config(spec: str = "default", overrides: Sequence[str] = ()) -> ml_coll
             raise ValueError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-3).")
         key, text = item.split("=", 1)
         _set(config, key.strip(), text.strip())
+    if "model_overrides" in config and "model" in config:
+        _check_model_overrides(config)
     config.lock()
     return config

@@ -7,17 +7,11 @@ checked, and the reverse direction is the same table read backwards.
 """
 
 import functools
-import json
-import os
 import re
-import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from clipjax.models import variants
@@ -345,31 +339,41 @@ def _to_layout(flat: Mapping[str, Any], table: list[Rule], layout: str) -> dict[
     return _hf_split_qkv(sd) if layout == "hf" else sd
 
 
+def _config(arch: "str | variants.ClipConfig") -> variants.ClipConfig:
+    return arch if isinstance(arch, variants.ClipConfig) else variants.get_config(arch)
+
+
+def _name(arch: "str | variants.ClipConfig") -> str:
+    return arch if isinstance(arch, str) else "the architecture given"
+
+
 @functools.cache
-def _torch_shapes(arch: str, layout: str) -> dict[str, tuple[int, ...]]:
-    table = rules(variants.get_config(arch), layout)
+def _torch_shapes(config: variants.ClipConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    table = rules(config, layout)
     # The scanned model traces one block per tower instead of all of them (ViT-bigG: 5x).
-    flat = _flatten(abstract_params(create_model(arch, scan=True)))
+    flat = _flatten(abstract_params(create_model(config, scan=True)))
     out = jax.eval_shape(lambda f: _to_layout(unstack_layers(f), table, layout), flat)
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
-def torch_shapes(arch: str, layout: str = "openclip") -> dict[str, tuple[int, ...]]:
+def torch_shapes(arch: "str | variants.ClipConfig",
+                 layout: str = "openclip") -> dict[str, tuple[int, ...]]:
     """The reference key -> shape map of `arch`, derived without allocating anything."""
-    return dict(_torch_shapes(arch, layout))
+    return dict(_torch_shapes(_config(arch), layout))
 
 
-def from_torch(state_dict: Mapping[str, Any], arch: str, scan: bool = False) -> dict:
+def from_torch(state_dict: Mapping[str, Any], arch: "str | variants.ClipConfig",
+               scan: bool = False) -> dict:
     """An OpenAI / OpenCLIP / Hugging Face state dict -> clipjax params (float32).
 
     Every key is accounted for and every shape checked; problems are reported together.
     `scan=True` stacks the transformer blocks for `create_model(arch, scan=True)`.
     """
-    config = variants.get_config(arch)
+    config = _config(arch)
     sd = clean_state_dict(state_dict)
     layout = detect_layout(sd)
     table = rules(config, layout)
-    _check_keys(sd, torch_shapes(arch, layout), arch)  # HF's separate q/k/v checked as they are
+    _check_keys(sd, torch_shapes(config, layout), _name(arch))  # HF's separate q/k/v checked as they are
     if layout == "hf":
         sd = _hf_fuse_qkv(sd)
     flat = {path: np.asarray(fn(_to_numpy(sd[key]), heads), np.float32)
@@ -379,16 +383,17 @@ def from_torch(state_dict: Mapping[str, Any], arch: str, scan: bool = False) -> 
     return _unflatten(flat)
 
 
-def to_torch(params: Mapping, arch: str, layout: str = "openclip") -> dict[str, np.ndarray]:
+def to_torch(params: Mapping, arch: "str | variants.ClipConfig",
+             layout: str = "openclip") -> dict[str, np.ndarray]:
     """clipjax params -> a state dict of numpy arrays in OpenCLIP's (or HF's) layout."""
-    config = variants.get_config(arch)
+    config = _config(arch)
     flat = unstack_layers({k: np.asarray(v) for k, v in _flatten(params).items()})
     table = rules(config, layout)
     paths = {r[1] for r in table}
     extra = sorted(set(flat) - paths)
     missing = sorted(paths - set(flat))
     if extra or missing:
-        raise ConversionError(f"These params do not match {arch}: missing "
+        raise ConversionError(f"These params do not match {_name(arch)}: missing "
                               f"{', '.join(missing) or 'none'}; unexpected "
                               f"{', '.join(extra) or 'none'}. Convert with the arch the params "
                               "were made for.")
@@ -423,169 +428,3 @@ def _quick_match(sd: Mapping[str, Any], config: variants.ClipConfig, layout: str
         return False
     embed = np.shape(sd[proj])[0 if layout == "hf" else 1]
     return (np.shape(sd[key])[0] == config.text.context_length and embed == config.embed_dim)
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def _folder_activation(path: Path) -> str | None:
-    """The activation named by the config next to `path`: OpenCLIP's open_clip_config.json
-    for its open_clip_* files, Hugging Face's config.json for the others."""
-    openclip = path.name.startswith("open_clip_")
-    try:
-        cfg = json.loads((path.parent / ("open_clip_config.json" if openclip else "config.json"))
-                         .read_text())
-        if openclip:
-            return "quick_gelu" if cfg["model_cfg"].get("quick_gelu") else "gelu"
-        act = cfg.get("text_config", {}).get("hidden_act") or cfg.get("hidden_act")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-    return None if act is None else ("quick_gelu" if act == "quick_gelu" else "gelu")
-
-
-# safetensors dtype names -> numpy; bfloat16 comes from ml_dtypes (a JAX dependency), which
-# the safetensors package's own numpy reader does not use, so bf16 files would not load.
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(the JSON header, byte offset of the data) of a .safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        try:
-            if not 0 < size <= min(path.stat().st_size - 8, 100 << 20):
-                raise ValueError(f"header size {size} does not fit the file")
-            return json.loads(f.read(size)), 8 + size
-        except ValueError as e:
-            raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
-                                  "truncated, or another format with the wrong suffix?") from e
-
-
-def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The free-form metadata of a .safetensors file, without reading its tensors."""
-    return _safetensors_header(Path(path))[0].get("__metadata__") or {}
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors as memory-mapped numpy arrays, metadata) of a .safetensors file, bf16 included."""
-    path = Path(path)
-    header, start = _safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    data = np.memmap(path, np.uint8, "r")
-    out = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _SAFETENSORS_DTYPES or start + end > data.size:
-            raise ConversionError(f"{path}: tensor {name!r} has dtype {info['dtype']} or bytes "
-                                  f"{begin}..{end} that this reader cannot use; is the file truncated?")
-        out[name] = (data[start + begin:start + end].view(_SAFETENSORS_DTYPES[info["dtype"]])
-                     .reshape(info["shape"]))
-    return out, meta
-
-
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state dict, metadata) from a .pt/.pth/.bin (pickle or TorchScript), a .safetensors
-    file, or a Hugging Face model folder. Metadata holds "activation" when the file says."""
-    path = Path(path)
-    meta: dict[str, Any] = {}
-    if path.is_dir():
-        for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
-                     "open_clip_pytorch_model.bin"):
-            if (path / name).exists():
-                sd, meta = read_state_dict(path / name)
-                break
-        else:
-            raise FileNotFoundError(f"No checkpoint file in folder {path}: expected "
-                                    "model.safetensors, open_clip_model.safetensors or "
-                                    "pytorch_model.bin.")
-        return sd, meta
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist; give the path of a .pt, "
-                                ".bin or .safetensors file, or a Hugging Face model folder.")
-    if activation := _folder_activation(path):
-        meta["activation"] = activation
-    if path.suffix == ".safetensors":
-        sd, file_meta = read_safetensors(path)
-        return sd, {**meta, **file_meta}
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"Reading {path.name} needs PyTorch: `pip install 'clipjax[torch]'`, or "
-                          "give a .safetensors file instead.") from e
-    if _is_torchscript(path):
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        meta["activation"] = "quick_gelu"  # only OpenAI published TorchScript CLIP archives
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    return dict(sd), meta
-
-
-def load_torch_checkpoint(path: str | os.PathLike, arch: str | None = None,
-                          scan: bool = False) -> tuple[str, dict]:
-    """(architecture name, clipjax params) from a PyTorch CLIP checkpoint file or folder.
-
-    Without `arch` it is inferred from the shapes. OpenAI archives and Hugging Face configs
-    that name QuickGELU yield the "-quickgelu" name, so the model built from it matches.
-    """
-    sd, meta = read_state_dict(path)
-    # Before cleaning, which drops the marker with the other non-parameter keys.
-    quick = meta.get("activation") == "quick_gelu" or _OPENAI_MARKER in sd
-    sd = clean_state_dict(sd)
-    if arch is None:
-        arch = infer_arch(sd).removesuffix(variants.QUICKGELU_SUFFIX)
-    else:
-        variants.get_config(arch)  # an unknown name fails here, listing the valid ones
-    if quick and not arch.endswith(variants.QUICKGELU_SUFFIX):
-        arch += variants.QUICKGELU_SUFFIX
-    base = arch.removesuffix(variants.QUICKGELU_SUFFIX)
-    return arch, from_torch(sd, base, scan=scan)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, renamed on success only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_params(path: str | os.PathLike, params: Mapping, arch: str) -> None:
-    """clipjax params -> a .safetensors file whose metadata records the architecture."""
-    from safetensors.numpy import save_file
-    flat = {k: _contiguous(v) for k, v in _flatten(params).items()}
-    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata={"format": "clipjax",
-                                                                         "arch": arch}))
-
-
-def load_params(path: str | os.PathLike) -> tuple[str, dict]:
-    """(architecture name, params) from a file written by save_params."""
-    sd, meta = read_state_dict(path)
-    if meta.get("format") != "clipjax":
-        raise ConversionError(f"{path} is not a clipjax parameter file; convert it first with "
-                              f"`clipjax convert {path} OUT.safetensors`.")
-    return meta["arch"], _unflatten(sd)
-
-
-def save_torch(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
-    """A state dict -> .safetensors (no torch needed) or .pt (torch tensors)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        _atomic_write(path, lambda tmp: save_file(dict(state_dict), tmp))
-        return
-    import torch
-    tensors = {k: torch.from_numpy(_contiguous(v)) for k, v in state_dict.items()}
-    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))

@@ -1,12 +1,15 @@
-"""Loss and gradients of a contrastive model, with exact gradient caching for huge batches.
+"""Training: the CLIP task's two halves, the train state, the jitted step, and the loop.
 
-A model enters training as two functions:
-  encode(params, batch) -> embeddings (any pytree of [B, ...] arrays, e.g. (img_BE, txt_BE))
-  loss_on_embeddings(params, embeddings, batch) -> (loss, metrics)
-The loss sees the embeddings of the whole global batch, so contrastive losses stay exact.
+    clipjax.train.train_and_evaluate(config, workdir)
+
+The step is one pure `train_step(state, batch) -> (state, metrics)` over the global batch
+(gradient caching in clipjax.gradcache). The loop feeds it, logs, evaluates with an
+eval-mode copy of the model, checkpoints, stops at the same step on every host after
+SIGTERM, never keeps a checkpoint whose parameters are not finite or whose loss turned out
+not to be, and writes model.safetensors when the run is done.
 """
 
-import json
+import functools
 import logging
 import math
 import os
@@ -14,21 +17,24 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from clipjax import checkpoint, evals, losses, optim, sharding, summary
+from clipjax import checkpoint, evals, losses, optim, runlog, sharding, weights
 from clipjax.data import synthetic, transforms
+from clipjax.gradcache import (Encode, LossOnEmbeddings, loss_and_grads,  # noqa: F401 (API)
+                               loss_and_grads_with_aux)
 from clipjax.models import clip
 
-Encode = Callable[[Any, dict], Any]
-LossOnEmbeddings = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
+# Rank of each batch entry the CLIP task can use (rows first, split over data x fsdp).
+BATCH_NDIM = {"image": 4, "text": 2, "label": 1}
 
 
 def device_images(img_BHWC: jax.Array) -> jax.Array:
@@ -72,82 +78,9 @@ def clip_loss(name: str = "softmax", mesh: Mesh | None = None, **options) -> Los
     return loss_on_embeddings
 
 
-def _split(x, k: int, mesh: Mesh | None):
-    """[B, ...] -> [k, B/k, ...], micro-batch m = rows m, m+k, m+2k, ...
-
-    Strided rather than contiguous so that every micro-batch has rows on every device.
-    """
-    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-    if mesh is not None:
-        spec = P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-    return x
-
-
-def _merge(x):
-    """Inverse of _split."""
-    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-
-
-def loss_and_grads(params, batch: dict, encode: Encode, loss_on_embeddings: LossOnEmbeddings,
-                   accum_steps: int = 1, mesh: Mesh | None = None):
-    """((loss, metrics), grads) of the loss over the whole global batch.
-
-    With accum_steps = k > 1 (gradient caching): embed the k micro-batches without keeping
-    activations, differentiate the loss once w.r.t. all embeddings, then re-run each
-    micro-batch under its VJP with its slice of that gradient. The result is the exact
-    full-batch gradient, with one micro-batch of activations alive at a time and the loss
-    computed once (not k times).
-    """
-    out, grads, _ = loss_and_grads_with_aux(params, batch, encode, loss_on_embeddings,
-                                            accum_steps, mesh)
-    return out, grads
-
-
-def loss_and_grads_with_aux(params, batch, encode, loss_on_embeddings, accum_steps=1,
-                            mesh=None, has_aux: bool = False):
-    """`loss_and_grads` for an `encode` that may also return (embeddings, aux).
-
-    aux (e.g. BatchNorm batch statistics) is averaged over micro-batches. A tower that
-    couples rows (BatchNorm in training mode) sees micro-batch statistics, so its
-    gradient is exact per micro-batch, not for the full batch.
-    """
-    enc = encode if has_aux else (lambda p, b: (encode(p, b), {}))
-
-    if accum_steps == 1:
-        def full_loss(p):
-            embeddings, aux = enc(p, batch)
-            (value, metrics) = loss_on_embeddings(p, embeddings, batch)
-            return value, (metrics, aux)
-
-        (value, (metrics, aux)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        return (value, metrics), grads, aux
-
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    if rows % accum_steps:
-        raise ValueError(f"global batch {rows} does not split into accum_steps={accum_steps} "
-                         "equal micro-batches; make the batch a multiple of accum_steps.")
-    if mesh is not None and (rows // accum_steps) % sharding.batch_size(mesh):
-        raise ValueError(f"micro-batches of {rows // accum_steps} rows do not divide over the "
-                         f"{sharding.batch_size(mesh)} batch shards of the mesh; make the global "
-                         f"batch a multiple of accum_steps x {sharding.batch_size(mesh)}.")
-    micro = jax.tree.map(lambda x: _split(x, accum_steps, mesh), batch)
-
-    frozen = jax.lax.stop_gradient(params)
-    emb_micro, aux = jax.lax.map(lambda mb: enc(frozen, mb), micro)
-    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
-    embeddings = jax.tree.map(_merge, emb_micro)
-    (value, metrics), (grads, emb_grads) = jax.value_and_grad(
-        loss_on_embeddings, argnums=(0, 1), has_aux=True)(params, embeddings, batch)
-    emb_grads = jax.tree.map(lambda g: _split(g, accum_steps, mesh), emb_grads)
-
-    def accumulate(grads, xs):
-        mb, g_emb = xs
-        _, vjp = jax.vjp(lambda p: enc(p, mb)[0], params)
-        return jax.tree.map(jnp.add, grads, vjp(g_emb)[0]), None
-
-    grads, _ = jax.lax.scan(accumulate, grads, (micro, emb_grads))
-    return (value, metrics), grads, aux
+def batch_keys(loss: str) -> tuple[str, ...]:
+    """The batch entries a CLIP step with `loss` reads: labels only for the multi-positive loss."""
+    return ("image", "text", "label") if loss == "multi_positive" else ("image", "text")
 
 
 # --- State and step -------------------------------------------------------------------
@@ -195,7 +128,12 @@ def fold_batch_stats(params, stats, momentum: float = 0.1):
 def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
                     loss: str = "softmax", loss_options: dict | None = None,
                     accum_steps: int = 1, batch_keys: tuple[str, ...] = ("image", "text")):
-    """The jitted `train_step(state, batch) -> (state, metrics)` with donated state."""
+    """The jitted `train_step(state, batch) -> (state, metrics)` with donated state.
+
+    A ResNet `model` built with train=True normalises with batch statistics and folds them
+    into the running averages; metrics["state_finite"] says whether the new parameters and
+    the update that made them are all finite.
+    """
     bn_train = model.config.vision.is_resnet and model.train
     loss_fn = clip_loss(loss, mesh, **(loss_options or {}))
 
@@ -219,11 +157,15 @@ def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
         params = fold_batch_stats(params, stats)
+        # Checked before any checkpoint of this state is kept (an exact test, not a norm,
+        # which overflows long before the parameters do).
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree.leaves((updates, params))]))
         metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads),
-                       logit_scale=jnp.exp(params["logit_scale"]))
+                       logit_scale=jnp.exp(params["logit_scale"]), state_finite=finite)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    batch_sh = {k: sharding.batch_sharding(mesh, 2 if k != "image" else 4) for k in batch_keys}
+    batch_sh = {k: sharding.batch_sharding(mesh, BATCH_NDIM[k]) for k in batch_keys}
     return jax.jit(step, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -237,43 +179,63 @@ PEAK_TFLOPS = {  # dense bf16 per chip, for the MFU estimate
 }
 
 
-def peak_flops_per_device() -> float:
-    """This device's peak FLOP/s: a table for accelerators, a timed matmul on CPU."""
+@functools.cache
+def peak_flops_per_device(dtype: str = "float32") -> float:
+    """This device's peak FLOP/s: a table for accelerators; on a CPU, the best of 5 timed
+    2048x2048 matmuls in `dtype` (float32 accumulation), measured once per process."""
     kind = jax.devices()[0].device_kind
     for name, tflops in PEAK_TFLOPS.items():
         if kind.startswith(name):
             return tflops * 1e12
-    x = jnp.ones((1024, 1024), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
+    n = 2048
+    x = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), jax.local_devices()[0])
+    mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     mm(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(10):
-        y = mm(x)
-    y.block_until_ready()
-    return 10 * 2 * 1024**3 / (time.perf_counter() - t) / jax.local_device_count()
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        mm(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    # Simulated devices share the host's cores: the host's peak is split between them.
+    return 2 * n**3 / best / jax.local_device_count()
 
 
 class Preemption:
-    """Turns SIGTERM (preemption notices, scheduler kills) into a flag the loop checks."""
+    """SIGTERM (a preemption notice, a scheduler's kill) -> stop at a step all hosts agree on.
+
+    One process: a signal handler sets a flag. Several: JAX's preemption service (started
+    by jax.distributed.initialize, which catches SIGTERM itself) tells every process the
+    same step, however far apart their loops are.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multihost = jax.process_count() > 1
+        self._previous = None
+        if not self.multihost:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping.")
         self.requested = True
 
+    def stop_at(self, step: int) -> bool:
+        """Whether to save and stop after `step`; call it at every step on every process."""
+        if self.multihost:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_model(config):
+def build_models(config):
+    """(model for the train step, model for evaluation): ResNet towers normalise with batch
+    statistics in training and with their running averages everywhere else."""
     model = clip.create_model(config.model, dtype=jnp.dtype(config.dtype), scan=config.scan,
-                              remat=config.remat, **dict(config.model_overrides))
-    if model.config.vision.is_resnet:
-        model = model.clone(train=True)  # BatchNorm normalises with batch statistics
-    return model
+                              remat=config.remat, **config.model_overrides.to_dict())
+    return (model.clone(train=True) if model.config.vision.is_resnet else model), model
 
 
 def total_steps(config) -> int:
@@ -309,25 +271,29 @@ def build_data(config, start_state: dict | None):
     return it
 
 
-def build_evaluators(config):
-    if config.eval.zeroshot == "synthetic":
-        return evals.synthetic_evaluators(config.eval.num_examples, seed=config.seed)
-    if not config.eval.zeroshot:
-        return {}
-    from clipjax.evals import data as eval_data, zeroshot
-
-    source = eval_data.labelled(config.eval.zeroshot)
-    return {"zeroshot": zeroshot.evaluator(eval_data.batch_fn(source), source.classnames,
-                                           zeroshot.default_templates(source))}
+def _check_batch(batch: dict, keys: tuple[str, ...], config) -> None:
+    if missing := [k for k in keys if k not in batch]:
+        raise ValueError(f"loss={config.loss} needs {', '.join(missing)} in every batch, but "
+                         f"data.source={config.data.source!r} gives {', '.join(sorted(batch))}; "
+                         "use a source with class labels and captions (the synthetic data, or "
+                         "imagefolder:DIR?template=a photo of a {}.) or another loss.")
 
 
-def _jsonl_upto(path: Path, step: int) -> None:
-    """Drops logged steps after `step`, so a resumed run's log continues without repeats."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+def _rate_metrics(config, steps: int, rate: float, flops_per_example: float, peak: float,
+                  step: int) -> dict[str, float]:
+    out = {"step": step, "samples_per_second": rate,
+           "lr": float(optim.lr_schedule(dict(config.optimizer, total_steps=steps))(step - 1))}
+    if flops_per_example and rate:
+        out["mfu"] = flops_per_example * rate / peak
+    return out
+
+
+def _host_params(params) -> dict:
+    """The whole parameter tree as NumPy on every process (sharded over several hosts too)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, params)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        params)
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
@@ -338,153 +304,170 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     steps = total_steps(config)
     losses.get_loss(config.loss)
-    model = build_model(config)
+    train_model, eval_model = build_models(config)
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_global_batch(config.global_batch, mesh)
     if config.global_batch % (config.accum_steps * sharding.batch_size(mesh)):
         raise ValueError(f"global_batch {config.global_batch} must be a multiple of accum_steps "
                          f"x batch shards = {config.accum_steps * sharding.batch_size(mesh)}.")
-    checkpoint.check_workdir(workdir, {"model": config.model, "model_overrides": dict(
-        config.model_overrides), "scan": bool(config.scan)})
+    evaluators = build_evaluators(config)  # a bad evaluation spec fails before training
+    checkpoint.check_workdir(workdir, {"model": config.model, "model_overrides":
+                                       config.model_overrides.to_dict(), "scan": bool(config.scan)})
+    main = jax.process_index() == 0
+    if main:
+        runlog.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
     optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=steps),
-                                       clip.abstract_params(model), arch=config.model)
-    shardings = state_shardings(model, optimizer, mesh)
+                                       clip.abstract_params(train_model), arch=config.model)
+    shardings = state_shardings(train_model, optimizer, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
     data_state = None
-    if ckpt.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: create_train_state(model, optimizer,
+    resumed = ckpt.latest_step()
+    if resumed is not None:
+        abstract = jax.eval_shape(lambda: create_train_state(train_model, optimizer,
                                                              jax.random.key(0), mesh))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 abstract, shardings)
         state, data_state = ckpt.restore(abstract)
-        logging.info("resumed from step %d", int(state.step))
     else:
-        state = create_train_state(model, optimizer, jax.random.key(config.seed), mesh)
+        state = create_train_state(train_model, optimizer, jax.random.key(config.seed), mesh)
         if config.init_checkpoint:
-            state = _load_init(state, config, model)
+            state = _load_init(state, config)
     start = int(state.step)
     data = build_data(config, data_state)
-    step_fn = make_train_step(model, optimizer, mesh, shardings, loss=config.loss,
+    keys = batch_keys(config.loss)
+    step_fn = make_train_step(train_model, optimizer, mesh, shardings, loss=config.loss,
                               loss_options={"tile": config.loss_tile} if config.loss in (
                                   "tiled", "sigmoid_ring") else {},
-                              accum_steps=config.accum_steps)
-    evaluators = build_evaluators(config)
-    encoders = evals.make_encoders(model, mesh) if evaluators else None
+                              accum_steps=config.accum_steps, batch_keys=keys)
+    encoders = evals.make_encoders(eval_model, mesh) if evaluators else None
+    flops_per_example = clip.train_flops(train_model, config.global_batch) / config.global_batch
+    peak = peak_flops_per_device(config.dtype) * jax.device_count()
 
-    log_path = workdir / "metrics.jsonl"
-    is_main = jax.process_index() == 0
-    if is_main:
-        _jsonl_upto(log_path, start)
-    writer = summary.Writer(workdir / "tensorboard") if is_main else None
-    peak = peak_flops_per_device() * jax.device_count()
-    flops_per_step = clip.train_flops(model, config.global_batch)
+    log = runlog.RunLog(workdir, start=start, steps=steps, main=main)
+    if resumed is not None:
+        log.say(f"Resumed from step {resumed} of {steps} in {workdir}.")
     preempt = Preemption()
-    progress = tqdm.tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True)
     last: dict = {}
-    t_last, step_last = time.perf_counter(), start
+    unconfirmed = None  # a saved step whose own loss is not known yet
+    stopped = finished = False
+    t_window, step_window = time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
             batch = next(data)
-            batch = sharding.shard_batch({k: batch[k] for k in ("image", "text")}, mesh)
+            if step == start + 1:
+                _check_batch(batch, keys, config)
+            batch = sharding.shard_batch({k: batch[k] for k in keys}, mesh)
             state, metrics = step_fn(state, batch)
-            stop = preempt.requested  # read once: a signal arriving later waits a step
+            stop = preempt.stop_at(step)
             log_now = step % config.log_every_steps == 0 or step == steps
             save_now = (config.checkpoint.every_steps and step % config.checkpoint.every_steps
                         == 0) or step == steps or stop
-            eval_now = evaluators and ((config.eval.every_steps and step %
-                                        config.eval.every_steps == 0) or step == steps)
-            if log_now or save_now or eval_now:
+            eval_now = bool(evaluators) and ((config.eval.every_steps and step %
+                                              config.eval.every_steps == 0) or step == steps)
+            if step == start + 1:  # compilation is not throughput: time from the first step on
+                jax.block_until_ready(metrics)
+                log.first_step_seconds = time.perf_counter() - t_window
+                t_window, step_window = time.perf_counter(), step
+            if log_now or save_now or eval_now or unconfirmed is not None:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {metrics['loss']} at step {step}; stopping without saving. "
-                        f"The last good checkpoint (step {ckpt.latest_step()}) is intact: lower "
-                        "optimizer.lr or raise warmup, then rerun to resume from it.")
+                good = metrics.pop("state_finite") == 1.0
+                if not math.isfinite(metrics["loss"]) or not good:
+                    _stop_on_nan(ckpt, unconfirmed, metrics["loss"], step)
+                unconfirmed = None  # this step's loss was computed from the saved state
                 now = time.perf_counter()
-                rate = (step - step_last) * config.global_batch / (now - t_last)
-                t_last, step_last = now, step
-                metrics.update(step=step, samples_per_second=rate,
-                               lr=float(optim.lr_schedule(dict(
-                                   config.optimizer, total_steps=steps))(step - 1)))
-                if flops_per_step:
-                    metrics["mfu"] = flops_per_step * rate / config.global_batch / peak
+                rate = ((step - step_window) * config.global_batch / (now - t_window)
+                        if step > step_window else 0.0)
+                t_window, step_window = now, step
+                metrics.update(_rate_metrics(config, steps, rate, flops_per_example, peak, step))
                 if hasattr(data, "stats"):
                     metrics.update({f"data/{k}": v for k, v in data.stats().items()})
                 if eval_now:
+                    t_eval = time.perf_counter()
                     metrics.update(evals.run_all(evaluators, encoders, state.params))
+                    log.evaluated(step, metrics, time.perf_counter() - t_eval)
+                    t_window = time.perf_counter()  # evaluation is not training throughput
+                if log_now or eval_now or save_now:
+                    log.write(step, metrics)
                 last = metrics
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-                if is_main:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    writer.scalars(step, metrics)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                         samples_s=f"{rate:.0f}",
-                                         **({"mfu": f"{metrics['mfu']:.0%}"}
-                                            if "mfu" in metrics else {}))
-            progress.update(1)
+            log.advance()
             if save_now:
                 ckpt.save(step, state, data.get_state())
+                unconfirmed = step
             if stop:
+                stopped = True
                 logging.warning("stopped at step %d after SIGTERM; rerun to resume.", step)
                 break
+        else:
+            finished = True
     finally:
-        progress.close()
         ckpt.close()
         preempt.restore()
-        if writer:
-            writer.close()
-    if is_main and log_path.exists():
-        plot_losses(log_path, workdir / "loss.png")
+        log.close()
+    if finished and (start < steps or not (workdir / weights.FINAL_FILE).exists()):
+        final = weights.from_params(_host_params(state.params), config,
+                                    source=f"{workdir} step {steps}")
+        if main:
+            weights.write(final, workdir / weights.FINAL_FILE)
     if hasattr(data, "stats") and data.stats():
         logging.warning("skipped samples: %s", data.stats())
+    if main and start == steps:
+        print(f"Nothing to do: the run in {workdir} already finished step {steps}; "
+              "raise total_steps to train further.", flush=True)
+    elif main:
+        command = (f"clipjax eval zeroshot --checkpoint {workdir} --dataset synthetic"
+                   if config.data.source == "synthetic" else
+                   f"clipjax export {workdir} {workdir.name}.safetensors")
+        print(log.summary(step=int(state.step), stopped=stopped, last=last,
+                          files=runlog.listing(workdir, weights.saved_steps(workdir)),
+                          next_command=command), flush=True)
     return last
 
 
-def _load_init(state: TrainState, config, model) -> TrainState:
-    """Parameters from config.init_checkpoint (optionally only paths matching a regex)."""
-    from clipjax.evals import loading
+def _stop_on_nan(ckpt: checkpoint.Checkpointer, unconfirmed: int | None, loss: float,
+                 step: int) -> None:
+    """Drops a checkpoint whose loss came out non-finite, then stops the run."""
+    if unconfirmed is not None:
+        # The state saved at `unconfirmed` produced this step's loss: it is not good.
+        ckpt.delete(unconfirmed)
+    good = ckpt.latest_step()
+    kept = (f"The last good checkpoint (step {good}) is intact" if good is not None
+            else "No checkpoint was good enough to keep")
+    raise FloatingPointError(
+        f"loss is {loss} (or the update made non-finite parameters) at step {step}; stopping. "
+        f"{kept}: lower optimizer.lr or raise warmup, then rerun to resume from it.")
 
-    _, params, arch = loading.load_model(config.init_checkpoint)
+
+def build_evaluators(config):
+    """Evaluation during training, from config.eval.zeroshot (any labelled source spec)."""
+    return evals.config_evaluators(config.eval.zeroshot, num_examples=config.eval.num_examples,
+                                   seed=config.seed)
+
+
+def _load_init(state: TrainState, config) -> TrainState:
+    """Parameters from config.init_checkpoint (optionally only paths matching a regex), in
+    the state's layout (scanned or not) and shardings."""
+    loaded = weights.load(config.init_checkpoint)
     keep = [re.compile(p) for p in config.get("init_checkpoint_keep", ())]
-    new = optim.param_paths(params)
-    flat_new = {p: v for p, v in zip(jax.tree.leaves(new), jax.tree.leaves(params))}
+    flat = dict(zip(jax.tree.leaves(optim.param_paths(
+        fit := weights.fit_layout(loaded.params, config.scan))), jax.tree.leaves(fit)))
     paths = optim.param_paths(state.params)
+    wanted = [(p, x) for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(state.params))
+              if not keep or any(k.search(p) for k in keep)]
+    if not wanted:
+        raise ValueError(f"init_checkpoint_keep {tuple(config.init_checkpoint_keep)} matches no "
+                         "parameter; parameter paths look like visual/proj, text/ln_final/scale.")
+    bad = [f"{p} {tuple(x.shape)}" for p, x in wanted
+           if p not in flat or flat[p].shape != x.shape]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"init_checkpoint {config.init_checkpoint} ({loaded.description}) lacks "
+                         f"{len(bad)} parameter(s) of this model or has them in other shapes: "
+                         f"{shown}; give a checkpoint of {config.model} with the same "
+                         "model_overrides, or restrict init_checkpoint_keep.")
+    take = {p for p, _ in wanted}
 
     def pick(path, old):
-        if keep and not any(k.search(path) for k in keep):
-            return old
-        if path not in flat_new or flat_new[path].shape != old.shape:
-            raise ValueError(f"init_checkpoint {config.init_checkpoint} ({arch}) has no "
-                             f"parameter {path} of shape {old.shape}; use a checkpoint of "
-                             f"{config.model}.")
-        return jax.device_put(flat_new[path], old.sharding)
+        return jax.device_put(flat[path], old.sharding) if path in take else old
 
-    params = jax.tree.map(pick, paths, state.params)
-    return state.replace(params=params)
-
-
-def plot_losses(jsonl: Path, png: Path) -> None:
-    """The loss curve (and zero-shot accuracy, when logged) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    evals_ = [r for r in rows if "zeroshot/top1" in r]
-    if evals_:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals_], [r["zeroshot/top1"] for r in evals_], "o-",
-                 color="tab:orange", label="zero-shot top-1")
-        ax2.set_ylabel("zero-shot top-1")
-        ax2.set_ylim(0, 1)
-    ax.set_title(jsonl.parent.name)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    return state.replace(params=jax.tree.map(pick, paths, state.params))

@@ -5,14 +5,8 @@
     clipjax train --config clip_vit_b32:runlocal --workdir /tmp/clip_vit_b32   # CPU smoke run
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("clipjax_config_paper",
-                                               pathlib.Path(__file__).with_name("_paper.py"))
-_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper)
+from clipjax.configs._paper import clip_recipe
 
 
 def get_config(arg=None):
-    return _paper.clip_recipe("ViT-B-32", arg)
+    return clip_recipe("ViT-B-32", arg)

@@ -10,11 +10,13 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.model = "ViT-tiny"
-    c.model_overrides = ml_collections.ConfigDict()  # ClipConfig fields, e.g. embed_dim
+    c.model_overrides = ml_collections.ConfigDict()  # any architecture field: embed_dim=64,
+    # vision.width=128, text.layers=6, ... (`model_overrides.vision.width=128` on the command line)
     c.dtype = "float32"  # compute dtype of matmuls: float32 | bfloat16
     c.scan = False
     c.remat = "none"  # none | full | dots
-    c.init_checkpoint = ""  # clipjax .safetensors or PyTorch checkpoint to start from
+    c.init_checkpoint = ""  # a training workdir, clipjax .safetensors or PyTorch checkpoint
+    c.init_checkpoint_keep = ()  # regexes: take only these parameters from it (LiT: ^visual/)
 
     c.loss = "softmax"  # softmax | tiled | sigmoid | sigmoid_ring | multi_positive
     c.loss_tile = 512

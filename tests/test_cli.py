@@ -8,13 +8,40 @@ import numpy as np
 import pytest
 
 import clipjax
-from clipjax import cli, convert
+from clipjax import cli, convert, files
 
 
 def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "clipjax.cli", "--help"], capture_output=True,
                          text=True, timeout=120, check=True).stdout
-    assert "info" in out and "convert" in out
+    for command in ("train", "eval", "export", "embed", "search", "convert", "compile", "info"):
+        assert command in out
+    assert "later releases" not in out
+
+
+def test_info_prints_parameter_counts_at_once(capsys):
+    """Without --flops nothing is compiled: rows appear as fast as shapes are traced."""
+    cli.main(["info", "ViT-B-32", "RN50"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["arch", "image", "params", "image", "params", "text", "total"]
+    assert out[1].split()[:2] == ["ViT-B-32", "224"] and out[1].split()[4] == "151.28M"
+    assert out[2].split()[4] == "102.01M"
+
+
+def test_compile_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
+    from jax._src import xla_bridge
+
+    def missing(*args, **kwargs):  # what jax raises when libtpu is not installed
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology. See "
+                           "https://github.com/jax-ml/jax#installation")
+
+    monkeypatch.setattr(xla_bridge, "make_pjrt_tpu_topology", missing)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compile", "--topology", "v5e-4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ('clipjax compile: compiling for a TPU topology needs libtpu, which is not '
+                   'installed: pip install "clipjax[tpu]".')
 
 
 def test_info_counts_and_flops(capsys):
@@ -35,7 +62,7 @@ def test_info_counts_and_flops(capsys):
     patch = 2 * (n - 1) * v.patch_size**2 * 3 * d
     matmuls = (v.layers - 1) * per_block + last + patch + 2 * d * c.embed_dim
     assert matmuls / 1e9 <= info["gflops_image"] < 1.2 * matmuls / 1e9
-    cli.main(["info", "ViT-tiny"])
+    cli.main(["info", "ViT-tiny", "--flops"])
     assert "ViT-tiny" in capsys.readouterr().out
 
 
@@ -49,15 +76,15 @@ def test_unknown_arch_lists_the_valid_names(capsys):
 def test_convert_round_trip_through_files(tmp_path):
     params = clipjax.init_params(clipjax.create_model("ViT-tiny"), jax.random.key(0))
     torch_file = tmp_path / "model.safetensors"
-    convert.save_torch(torch_file, convert.to_torch(params, "ViT-tiny"))
+    files.save_torch(torch_file, convert.to_torch(params, "ViT-tiny"))
     cli.main(["convert", str(torch_file), str(tmp_path / "clipjax.safetensors")])
-    arch, loaded = convert.load_params(tmp_path / "clipjax.safetensors")
+    arch, loaded = files.load_params(tmp_path / "clipjax.safetensors")
     assert arch == "ViT-tiny"
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
     cli.main(["convert", str(tmp_path / "clipjax.safetensors"), str(tmp_path / "back.safetensors")])
-    back, _ = convert.read_state_dict(tmp_path / "back.safetensors")
-    original, _ = convert.read_state_dict(torch_file)
+    back, _ = files.read_state_dict(tmp_path / "back.safetensors")
+    original, _ = files.read_state_dict(torch_file)
     assert back.keys() == original.keys()
     for k in back:
         np.testing.assert_array_equal(back[k], original[k])
@@ -70,7 +97,7 @@ def test_convert_with_a_bad_checkpoint_writes_nothing(tmp_path, capsys):
     sd["visual.extra"] = np.zeros(3, np.float32)
     sd["ln_final.bias"] = np.zeros(5, np.float32)
     bad = tmp_path / "bad.safetensors"
-    convert.save_torch(bad, sd)
+    files.save_torch(bad, sd)
     out = tmp_path / "out" / "model.safetensors"
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", str(bad), str(out), "--arch", "ViT-tiny"])

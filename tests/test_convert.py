@@ -14,7 +14,7 @@ import torch
 
 import clipjax
 import reference
-from clipjax import convert
+from clipjax import convert, files, weights
 from clipjax.models import variants
 
 TOL = 1e-4
@@ -92,6 +92,12 @@ def max_diffs(params, arch: str, scan: bool, ref_image, ref_text) -> tuple[float
     got_txt = np.asarray(encode_text(params, tokens_BL.astype(np.int32)))
     assert got_img.shape == want_img.shape and got_txt.shape == want_txt.shape
     return float(np.abs(got_img - want_img).max()), float(np.abs(got_txt - want_txt).max())
+
+
+def _load_torch(path, arch=None):
+    """(architecture, params) of a PyTorch checkpoint, through what every command uses."""
+    w = weights.load(path, arch)
+    return w.arch, w.params
 
 
 def assert_trees_equal(a, b):
@@ -180,7 +186,7 @@ def test_hf_parity(hf_model):
 def test_hf_folder_loads_with_its_activation(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)  # model.safetensors + config.json naming quick_gelu
     assert (tmp_path / "model.safetensors").exists()
-    arch, params = convert.load_torch_checkpoint(tmp_path)
+    arch, params = _load_torch(tmp_path)
     assert arch == HF_ARCH
     assert_trees_equal(params, convert.from_torch(hf_model.state_dict(), HF_ARCH))
 
@@ -218,7 +224,7 @@ def test_openai_state_dict_is_quickgelu(tmp_path):
     sd = _openai_style(ref.state_dict())
     assert convert.infer_arch(sd) == "ViT-tiny-quickgelu"
     torch.save(sd, tmp_path / "openai.pt")
-    arch, params = convert.load_torch_checkpoint(tmp_path / "openai.pt")
+    arch, params = _load_torch(tmp_path / "openai.pt")
     assert arch == "ViT-tiny-quickgelu"
     assert_trees_equal(params, convert.from_torch(ref.state_dict(), "ViT-tiny"))
 
@@ -235,7 +241,7 @@ def test_torchscript_archive(tmp_path):
         traced = torch.jit.trace(ref, (torch.from_numpy(img_BHWC).permute(0, 3, 1, 2),
                                        torch.from_numpy(tokens_BL)), check_trace=False)
     torch.jit.save(traced, tmp_path / "ViT-tiny.pt")
-    arch, params = convert.load_torch_checkpoint(tmp_path / "ViT-tiny.pt")
+    arch, params = _load_torch(tmp_path / "ViT-tiny.pt")
     assert arch == "ViT-tiny-quickgelu"
     d_img, d_txt = max_diffs(params, arch, False, ref.encode_image, ref.encode_text)
     assert d_img < TOL and d_txt < TOL, f"TorchScript: image {d_img:.2e}, text {d_txt:.2e}"
@@ -245,7 +251,7 @@ def test_openclip_training_checkpoint(tmp_path):
     sd = openclip_model("RN-tiny").state_dict()
     ckpt = {"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in sd.items()}}
     torch.save(ckpt, tmp_path / "epoch_3.pt")
-    arch, params = convert.load_torch_checkpoint(tmp_path / "epoch_3.pt")
+    arch, params = _load_torch(tmp_path / "epoch_3.pt")
     assert arch == "RN-tiny"
     assert_trees_equal(params, convert.from_torch(sd, "RN-tiny"))
 
@@ -254,8 +260,8 @@ def test_openclip_training_checkpoint(tmp_path):
 def test_saved_torch_files(tmp_path, suffix):
     params = convert.from_torch(state_dict(openclip_model("ViT-tiny")), "ViT-tiny")
     path = tmp_path / f"open_clip_model{suffix}"
-    convert.save_torch(path, convert.to_torch(params, "ViT-tiny"))
-    arch, loaded = convert.load_torch_checkpoint(path)
+    files.save_torch(path, convert.to_torch(params, "ViT-tiny"))
+    arch, loaded = _load_torch(path)
     assert arch == "ViT-tiny"
     assert_trees_equal(loaded, params)
 
@@ -266,7 +272,7 @@ def test_half_precision_safetensors(tmp_path, dtype):
     from safetensors.torch import save_file
     sd = state_dict(openclip_model("ViT-tiny"))
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp_path / "half.safetensors")
-    arch, params = convert.load_torch_checkpoint(tmp_path / "half.safetensors")
+    arch, params = _load_torch(tmp_path / "half.safetensors")
     assert arch == "ViT-tiny"
     rounded = {k: v.to(dtype).float() for k, v in sd.items()}
     assert_trees_equal(params, convert.from_torch(rounded, "ViT-tiny"))
@@ -275,18 +281,18 @@ def test_half_precision_safetensors(tmp_path, dtype):
 
 def test_openclip_hub_folder_loads_with_its_activation(tmp_path):
     sd = state_dict(openclip_model("ViT-tiny-quickgelu"))
-    convert.save_torch(tmp_path / "open_clip_model.safetensors",
+    files.save_torch(tmp_path / "open_clip_model.safetensors",
                        {k: v.numpy() for k, v in sd.items()})
     (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": true}}')
-    arch, params = convert.load_torch_checkpoint(tmp_path)
+    arch, params = _load_torch(tmp_path)
     assert arch == "ViT-tiny-quickgelu"
     assert_trees_equal(params, convert.from_torch(sd, "ViT-tiny"))
 
 
 def test_params_file(tmp_path):
     params = convert.from_torch(state_dict(openclip_model("ViT-tiny")), "ViT-tiny")
-    convert.save_params(tmp_path / "params.safetensors", params, "ViT-tiny-quickgelu")
-    arch, loaded = convert.load_params(tmp_path / "params.safetensors")
+    files.save_params(tmp_path / "params.safetensors", params, "ViT-tiny-quickgelu")
+    arch, loaded = files.load_params(tmp_path / "params.safetensors")
     assert arch == "ViT-tiny-quickgelu"
     assert_trees_equal(loaded, params)
 
@@ -312,7 +318,7 @@ def test_unknown_arch_lists_valid_names(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     for call in (lambda: convert.from_torch(sd, "ViT-Q-99"),
                  lambda: convert.torch_shapes("ViT-Q-99"),
-                 lambda: convert.load_torch_checkpoint(tmp_path / "m.pt", arch="ViT-Q-99")):
+                 lambda: _load_torch(tmp_path / "m.pt", arch="ViT-Q-99")):
         with pytest.raises(ValueError, match="ViT-Q-99") as e:
             call()
         for name in ("RN50", "ViT-B-32", "ViT-bigG-14", "quickgelu"):
@@ -336,21 +342,21 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file", broken_save_file)
     params = convert.from_torch(state_dict(openclip_model("ViT-tiny")), "ViT-tiny")
     with pytest.raises(OSError, match="disk full"):
-        convert.save_params(tmp_path / "params.safetensors", params, "ViT-tiny")
+        files.save_params(tmp_path / "params.safetensors", params, "ViT-tiny")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_params_rejects_other_files(tmp_path):
-    convert.save_torch(tmp_path / "torch.safetensors", {"w": np.zeros(3, np.float32)})
+    files.save_torch(tmp_path / "torch.safetensors", {"w": np.zeros(3, np.float32)})
     with pytest.raises(convert.ConversionError, match="not a clipjax parameter file"):
-        convert.load_params(tmp_path / "torch.safetensors")
+        files.load_params(tmp_path / "torch.safetensors")
     (tmp_path / "text.safetensors").write_text("not a checkpoint")
     with pytest.raises(convert.ConversionError, match="not a readable .safetensors file"):
-        convert.load_params(tmp_path / "text.safetensors")
+        files.load_params(tmp_path / "text.safetensors")
 
 
 def test_missing_path_is_named(tmp_path):
     missing = tmp_path / "nowhere.pt"
-    for call in (convert.load_torch_checkpoint, convert.load_params, convert.read_state_dict):
+    for call in (_load_torch, files.load_params, files.read_state_dict):
         with pytest.raises(FileNotFoundError, match="nowhere.pt"):
             call(missing)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from clipjax.data import pipeline, sources, transforms
+from clipjax.data import pipeline, sources, stages, transforms
 from reference import torchvision_transforms
 from test_data_sources import (caption, captions_of, jpeg_bytes, write_caption_folder, write_tar,
                                write_wds)
@@ -113,7 +113,7 @@ def _resume_data(tmp_path, kind) -> tuple[list[str], dict]:
 @pytest.mark.parametrize("kind", ["folder", "wds", "mixture"])
 def test_resume_reads_exactly_what_an_uninterrupted_run_reads(tmp_path, monkeypatch, kind):
     # Workers report every skip in its own short batch, so resumes also land mid-batch.
-    monkeypatch.setattr(pipeline, "_MAX_SKIPS_PER_BATCH", 1)
+    monkeypatch.setattr(stages, "MAX_SKIPS_PER_BATCH", 1)
     specs, kw = _resume_data(tmp_path, kind)
     hosts, steps = 2, 9  # several epochs of data per host
     for host in range(hosts):
@@ -213,22 +213,29 @@ def _photo(width, height, seed=0) -> Image.Image:
     return Image.fromarray(((img_HWC + 1) * 127.5).astype(np.uint8))
 
 
-def test_training_crop_matches_numpy_and_torchvision_for_a_fixed_draw():
+def test_training_crop_matches_torchvision_for_a_fixed_draw():
+    """The pipeline's training sample is torchvision's resized_crop of the box drawn from the
+    sample's own generator, normalised with CLIP's mean and std."""
     T = torchvision_transforms()
     image = _photo(300, 200)
-    left, top, w, h = transforms.random_resized_crop_box(300, 200, np.random.default_rng(5))
-    ours_HWC = transforms.train_transform(image, 224, np.random.default_rng(5))
-    crop_HWC = np.asarray(image)[top:top + h, left:left + w]
-    resized_HWC = np.asarray(Image.fromarray(crop_HWC).resize((224, 224),
-                                                               Image.Resampling.BICUBIC))
-    mean_C, std_C = np.asarray(transforms.CLIP_MEAN), np.asarray(transforms.CLIP_STD)
-    ref_HWC = (resized_HWC / 255.0 - mean_C) / std_C
-    np.testing.assert_allclose(ours_HWC, ref_HWC, atol=1e-5)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")  # lossless, and not a JPEG: no reduced-scale decoding
+    prepare = stages.Prepare(image_size=224, train=True, context_length=77, has_text=False,
+                             has_label=False, max_pixels=sources.DEFAULT_MAX_PIXELS)
+    ours_HWC = prepare({"key": "k", "image": buf.getvalue(), "rng": [0, 0, 0, 5]})["image"]
+    left, top, w, h = transforms.random_resized_crop_box(300, 200,
+                                                         np.random.default_rng([0, 0, 0, 5]))
+    assert (w, h) != (300, 200)  # a real crop
     tv = T.functional.resized_crop(image, top, left, h, w, [224, 224],
                                    T.InterpolationMode.BICUBIC)
-    np.testing.assert_array_equal(np.asarray(tv), resized_HWC)
-    # The table lookup normalises bit for bit as normalize() does.
-    np.testing.assert_array_equal(ours_HWC, transforms.normalize(resized_HWC))
+    assert ours_HWC.dtype == np.uint8
+    np.testing.assert_array_equal(ours_HWC, np.asarray(tv))
+    # The batcher's table lookup normalises as the arithmetic does, bit for bit.
+    mean_C, std_C = np.asarray(transforms.CLIP_MEAN), np.asarray(transforms.CLIP_STD)
+    np.testing.assert_allclose(transforms.normalize_uint8(ours_HWC),
+                               (ours_HWC / 255.0 - mean_C) / std_C, atol=1e-5)
+    np.testing.assert_array_equal(transforms.normalize_uint8(ours_HWC),
+                                  transforms.normalize(ours_HWC))
 
 
 def test_training_crop_draws_stay_in_scale_and_ratio():
@@ -255,7 +262,7 @@ def test_large_jpegs_decode_at_reduced_scale(monkeypatch):
     original = JpegImageFile.draft
     monkeypatch.setattr(JpegImageFile, "draft",
                         lambda self, *a: drafts.append(a) or original(self, *a))
-    prepare = pipeline._Prepare(image_size=224, train=True, context_length=77, has_text=True,
+    prepare = stages.Prepare(image_size=224, train=True, context_length=77, has_text=True,
                                 has_label=False, max_pixels=sources.DEFAULT_MAX_PIXELS)
     record = {"key": "k", "image": buf.getvalue(), "text": "a photo", "label": None,
               "rng": [0, 0, 0, 7]}

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tarfile
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clipjax import cli, tfrecord
-from clipjax.data import arrayrecord, pipeline, sources, transforms
+from clipjax.data import arrayrecord, pipeline, sources, transforms, wds_source
 from clipjax.data.transforms import CLIP_MEAN, CLIP_STD
 from clipjax.tokenizer import tokenize
 
@@ -106,12 +107,12 @@ def read_all(spec, **kw) -> tuple[list[str], pipeline.DataIterator]:
 
 
 def test_expand_braces():
-    assert sources.expand_braces("s/{008..011}.tar") == [f"s/{i:03d}.tar" for i in range(8, 12)]
-    assert sources.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-    assert sources.expand_braces("plain.tar") == ["plain.tar"]
+    assert wds_source.expand_braces("s/{008..011}.tar") == [f"s/{i:03d}.tar" for i in range(8, 12)]
+    assert wds_source.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert wds_source.expand_braces("plain.tar") == ["plain.tar"]
     for bad in ("s/{3..1}.tar", "s/{00..02.tar", "s/{x}.tar"):
         with pytest.raises(ValueError):
-            sources.expand_braces(bad)
+            wds_source.expand_braces(bad)
 
 
 def test_parse_spec_options_and_errors():
@@ -121,6 +122,9 @@ def test_parse_spec_options_and_errors():
     assert sources.parse_spec("arrayrecord:/d/part-?????.array_record") == (
         "arrayrecord", "/d/part-?????.array_record", {})
     assert sources.parse_spec("wds:gs://b/x/{0..9}.tar?weight=2")[2] == {"weight": "2"}
+    # format_spec is the inverse, whatever the option values hold.
+    parts = ("tfds", "ds:1.0.0", {"data_dir": "/a b/c+d&e?f=g", "split": "train[:10%]"})
+    assert sources.parse_spec(sources.format_spec(*parts)) == parts
     with pytest.raises(ValueError, match="Unknown data source kind 'webdataset'"):
         sources.open_source("webdataset:/x")
     with pytest.raises(ValueError, match="has no kind"):
@@ -281,12 +285,18 @@ def test_caption_folder_and_class_folder(tmp_path):
         for i in range(count):
             (tmp_path / "cls" / name / ("sub" if i else "") / f"{i}.png").write_bytes(
                 png_bytes(np.full((8, 8, 3), i, np.uint8)))
+    # Hidden files and folders are not images of the dataset (macOS's ._ files, .git).
+    (tmp_path / "cls" / "ant" / "._0.png").write_bytes(b"AppleDouble metadata")
+    (tmp_path / "cls" / ".git").mkdir()
+    (tmp_path / "cls" / ".git" / "x.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     names, it = pipeline.classification_eval(f"imagefolder:{tmp_path}/cls", global_batch_size=4,
                                              image_size=16, process_index=0, process_count=1)
     batches = list(it)
     assert names == ["ant", "moth", "zebra"]
-    assert [len(b["label"]) for b in batches] == [4, 2] and set(batches[0]) == {"image", "label"}
+    assert [len(b["label"]) for b in batches] == [4, 2]
+    assert set(batches[0]) == {"image", "label", "index"}
     assert np.concatenate([b["label"] for b in batches]).tolist() == [0, 0, 0, 1, 2, 2]
+    assert it.stats() == {}
     # With a caption template a class folder also gives text.
     src = sources.open_source(f"imagefolder:{tmp_path}/cls?template=a photo of a {{}}.")
     assert src.read(3)["text"] == "a photo of a moth."
@@ -364,20 +374,36 @@ def _to_tfrecord(array_record_dir: str, out_dir: str) -> None:
     json.dump(info, open(info_path, "w"))
 
 
-def test_crc32c_known_answer():
+def test_crc32c_matches_an_independent_implementation():
+    from tensorboardX.crc32c import crc32c as reference  # its own table, pure Python
+
     assert tfrecord.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    rng = np.random.default_rng(0)
+    # Both of our paths (the byte loop below 2 KiB, NumPy lanes above) and their edges.
+    lengths = [*range(70), 2047, 2048, 2049, 4097, 20_001, *rng.integers(0, 8_000, 20)]
+    for n in lengths:
+        data = rng.integers(0, 256, n, np.uint8).tobytes()
+        assert tfrecord.crc32c(data) == reference(data), n
 
 
-def test_tfds_array_record_and_tfrecord_without_tensorflow(tmp_path):
+@pytest.fixture(scope="module")
+def tfds_dirs(tmp_path_factory):
+    """(array_record data_dir, tfrecord data_dir) holding tiny_captions and tiny_classes."""
     import sys
     tiny_captions, tiny_classes = _tfds_builders()
-    ar_dir, tfr_dir = str(tmp_path / "ar"), str(tmp_path / "tfr")
+    root = tmp_path_factory.mktemp("tfds")
+    ar_dir, tfr_dir = str(root / "ar"), str(root / "tfr")
     for builder in (tiny_captions, tiny_classes):
         builder(data_dir=ar_dir, file_format="array_record").download_and_prepare()
         _to_tfrecord(os.path.join(ar_dir, builder.name, str(builder.VERSION)),
                      os.path.join(tfr_dir, builder.name, str(builder.VERSION)))
     assert "tensorflow" not in sys.modules
+    return ar_dir, tfr_dir
 
+
+def test_tfds_array_record_and_tfrecord_without_tensorflow(tfds_dirs):
+    import sys
+    ar_dir, tfr_dir = tfds_dirs
     results = {}
     for data_dir in (ar_dir, tfr_dir):
         src = sources.open_source(f"tfds:tiny_captions?data_dir={data_dir}")
@@ -415,7 +441,26 @@ def test_tfds_array_record_and_tfrecord_without_tensorflow(tmp_path):
         sources.open_source(f"tfds:tiny_classes?data_dir={ar_dir}&split=validation")
     with pytest.raises(FileNotFoundError, match="no prepared TFDS dataset 'coco_captions'"):
         sources.open_source(f"tfds:coco_captions?data_dir={ar_dir}")
+    # The split is an option; after a second colon comes a version, and the old form says so.
+    with pytest.raises(ValueError, match=re.escape(
+            f"give the split as an option: 'tfds:tiny_classes?data_dir={ar_dir}&split=test'.")):
+        sources.open_source(f"tfds:tiny_classes:test?data_dir={ar_dir}")
     assert "tensorflow" not in sys.modules  # nothing above imported it
+
+
+def test_tfrecord_data_that_fail_their_crc_are_skipped(tfds_dirs, tmp_path):
+    """A byte flipped inside a record's data, its framing intact: the data CRC fails, so the
+    record is skipped and counted, never read as it is."""
+    data_dir = tmp_path / "tfr"
+    shutil.copytree(tfds_dirs[1], data_dir)
+    (path,) = (data_dir / "tiny_captions" / "1.0.0").glob("*.tfrecord-*")
+    blob = bytearray(path.read_bytes())
+    at = blob.index(caption(3).encode())  # example 3's first caption
+    blob[at + len("sample ")] = ord("4")  # "sample 3" -> "sample 4": still a valid example
+    path.write_bytes(bytes(blob))
+    got, it = read_all(f"tfds:tiny_captions?data_dir={data_dir}")
+    assert sorted(got) == [caption(i) for i in (0, 1, 2, 4, 5)]
+    assert it.stats() == {"skipped/corrupt_record": 1}
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,7 +474,7 @@ def test_convert_to_arrayrecord_keeps_every_good_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     # Header checks at conversion catch what needs no decoding; the rest is left to training.
     assert "Wrote 8 samples in 2 shards" in out  # the zero-byte shard gives no file
-    meta = json.load(open(dst / sources.ARRAYRECORD_META))
+    meta = json.load(open(dst / arrayrecord.META_FILE))
     assert meta["skipped"] == {k: v for k, v in expected.items() if k != "truncated_image"}
     got, it = read_all(f"arrayrecord:{dst}")
     assert sorted(got) == sorted(caption(i) for i in range(7))

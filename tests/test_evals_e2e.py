@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 import clipjax
-from clipjax import cli, convert
+from clipjax import cli, convert, files
 from clipjax.data import synthetic
-from clipjax.evals import embed_images, embed_texts, make_encoders, run_all, synthetic_evaluators
-from clipjax.evals.loading import fingerprint, load_model
+from clipjax.evals import (config_evaluators, embed_images, embed_texts, make_encoders, run_all,
+                           synthetic_evaluators)
+from clipjax.weights import fingerprint, load_model
 
 CHANCE = 1 / len(synthetic.CLASSNAMES)
 N_EVAL = 256
@@ -54,7 +55,7 @@ def trained(tmp_path_factory):
         b = next(it)
         params, opt, _ = step(params, opt, b["image"], b["text"])
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    convert.save_params(path, params, "ViT-tiny")
+    files.save_params(path, params, "ViT-tiny")
     return model, jax.tree.map(np.asarray, params), path
 
 
@@ -125,41 +126,83 @@ def test_cli_zeroshot_on_a_class_folder_matches_the_evaluator(trained, evaluated
     assert code == 2 and "holds no class subfolders" in err
 
 
-def test_cli_zeroshot_on_tfds_matches_labels_by_name(trained, evaluated, tmp_path, capsys,
-                                                     monkeypatch):
-    """A tfds dataset whose label order differs from the class list: names decide."""
+def _png(pixels_HWC) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels_HWC).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shapes_tfds(tmp_path_factory):
+    """The first N_EVAL held-out images as a prepared TFDS dataset `shapes` (split "test"),
+    whose label order is a permutation of the class list; returns its data_dir."""
     import tensorflow_datasets as tfds
 
-    _, _, ckpt = trained
     ex = synthetic.render(0, "held_out", np.arange(N_EVAL), 32)
     order = np.random.default_rng(0).permutation(36)  # tfds label j is class order[j]
     label_names = [synthetic.CLASSNAMES[c].replace(" ", "_") for c in order]
-    new_label = np.argsort(order)[ex.label_B]
+    label_B = np.argsort(order)[ex.label_B]
 
-    def png(a):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        return buf.getvalue()
+    with tfds.core.registered.skip_registration():
+        class Shapes(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
 
-    rows = [{"image": png(ex.image_BHWC[i]), "label": int(new_label[i])} for i in range(N_EVAL)]
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(names=label_names)}))
 
-    class Info:
-        splits = {"test": None}
-        features = {"image": None, "label": tfds.features.ClassLabel(names=label_names)}
+            def _split_generators(self, dl_manager):
+                return {"test": self._generate_examples()}
 
-    class Builder:
-        info = Info()
+            def _generate_examples(self):
+                for i in range(N_EVAL):  # encoded bytes: TFDS encodes arrays with TensorFlow
+                    yield i, {"image": io.BytesIO(_png(ex.image_BHWC[i])), "label": int(label_B[i])}
 
-    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
-    monkeypatch.setattr(tfds, "data_source", lambda name, **kw: rows)
+    data_dir = tmp_path_factory.mktemp("tfds")
+    Shapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)
+
+
+def test_cli_zeroshot_on_tfds_matches_labels_by_name(trained, evaluated, shapes_tfds, tmp_path,
+                                                     capsys):
+    """A tfds dataset whose label order differs from the class list: names decide."""
+    _, _, ckpt = trained
     (tmp_path / "classes.txt").write_text("\n".join(synthetic.CLASSNAMES))
     (tmp_path / "templates.txt").write_text("\n".join(synthetic.TEMPLATES))
     out_json = tmp_path / "zs.json"
-    code, _, err = run_cli(["eval", "zeroshot", "--checkpoint", ckpt, "--dataset", "tfds:shapes",
-                            "--classes", tmp_path / "classes.txt", "--templates",
-                            tmp_path / "templates.txt", "--out", out_json, "--no-plots"], capsys)
+    # --data-dir joins the spec as data_dir=; without split= it reads validation, else test.
+    code, out, err = run_cli(["eval", "zeroshot", "--checkpoint", ckpt, "--dataset",
+                              "tfds:shapes", "--data-dir", shapes_tfds, "--classes",
+                              tmp_path / "classes.txt", "--templates", tmp_path / "templates.txt",
+                              "--out", out_json, "--no-plots"], capsys)
     assert code == 0, err
+    assert f"tfds:shapes?data_dir={shapes_tfds}&split=test" in out
     assert abs(json.loads(out_json.read_text())["top1"] - evaluated["zeroshot/top1"]) <= 1 / N_EVAL
+    code, _, err = run_cli(["eval", "zeroshot", "--checkpoint", ckpt, "--dataset",
+                            "tfds:shapes:test", "--data-dir", shapes_tfds], capsys)
+    assert code == 2 and "give the split as an option: 'tfds:shapes?data_dir=" in err
+
+
+def test_config_evaluators_from_a_spec_string(trained, shapes_tfds, tmp_path):
+    """A training config's eval.zeroshot: a source spec with options, checked when built."""
+    model, params, _ = trained
+    evaluators = config_evaluators(f"tfds:shapes?data_dir={shapes_tfds}&split=test",
+                                   batch_size=64)
+    assert list(evaluators) == ["zeroshot"]
+    # Class names from tfds's labels, in tfds's order, with OpenAI's 80 templates (the
+    # default for a dataset clipjax ships no list for): right names on the right labels.
+    metrics = run_all(evaluators, make_encoders(model), params)
+    assert set(metrics) == {"zeroshot/top1", "zeroshot/top5"}
+    assert metrics["zeroshot/top1"] > 4 * CHANCE
+    assert config_evaluators("") == {}
+    assert set(config_evaluators("synthetic", num_examples=8)) == {"zeroshot", "retrieval"}
+    with pytest.raises(ValueError, match="split 'validation' is not available"):
+        config_evaluators(f"tfds:shapes?data_dir={shapes_tfds}&split=validation")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config_evaluators(f"imagefolder:{tmp_path}/missing")
+    with pytest.raises(ValueError, match="holds no class subfolders"):
+        config_evaluators(str(tmp_path))
 
 
 def test_cli_retrieval_matches_the_evaluator(trained, evaluated, tmp_path, capsys):
@@ -192,11 +235,11 @@ def test_cli_embed_and_search(trained, tmp_path, capsys):
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
     ex = synthetic.render(0, "held_out", np.arange(12), 32)
-    files = []
+    paths = []
     for i in range(12):
         f = folder / ("nested" if i % 2 else "") / f"{i:02d}.png"
         Image.fromarray(ex.image_BHWC[i]).save(f)
-        files.append(f)
+        paths.append(f)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (folder / "notes.txt").write_text("not an image, ignored")
     index = tmp_path / "index.npz"
@@ -216,20 +259,20 @@ def test_cli_embed_and_search(trained, tmp_path, capsys):
     img = embed_images(enc, params, [{"image": synthetic.normalize(ex.image_BHWC)}])["embedding"]
     s = img @ embed_texts(enc, params, [query])[0]
     best = np.argsort(-s, kind="stable")[:5]
-    assert [h[2] for h in hits] == [str(files[i].resolve()) for i in best]
+    assert [h[2] for h in hits] == [str(paths[i].resolve()) for i in best]
     np.testing.assert_allclose([float(h[1]) for h in hits], s[best], atol=1e-4)
     page = (tmp_path / "page.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 5 and query in page
 
     # An index searched with other weights.
     other = tmp_path / "other.safetensors"
-    convert.save_params(other, clipjax.init_params(model, jax.random.key(7)), "ViT-tiny")
+    files.save_params(other, clipjax.init_params(model, jax.random.key(7)), "ViT-tiny")
     code, _, err = run_cli(["search", query, "--index", index, "--checkpoint", other], capsys)
     assert code == 2 and "was built with ViT-tiny weights" in err
     # The same weights in OpenCLIP's layout load to the same fingerprint, so an index built
     # from the clipjax file serves a converted checkpoint and vice versa.
     torch_layout = tmp_path / "open_clip_layout.safetensors"
-    convert.save_torch(torch_layout, convert.to_torch(params, "ViT-tiny"))
+    files.save_torch(torch_layout, convert.to_torch(params, "ViT-tiny"))
     _, converted, arch = load_model(torch_layout)
     assert arch == "ViT-tiny" and fingerprint(converted) == fingerprint(load_model(ckpt)[1])
     (tmp_path / "none").mkdir()

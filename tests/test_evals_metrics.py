@@ -1,15 +1,20 @@
 """Evaluation maths on planted embeddings with known answers: prompt ensembling, top-k with
 ties, recall@K with several captions per image, the sharded batching, the linear probe
-against a SciPy solve, and the shipped class-name and template data."""
+against a SciPy solve, the shipped class-name and template data, and evaluation datasets
+read through clipjax.data."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+from PIL import Image
 
 from clipjax import sharding, tokenize
-from clipjax.evals import linear_probe, prompts, retrieval, search, zeroshot
+from clipjax.data import transforms
+from clipjax.evals import data, linear_probe, prompts, retrieval, search, zeroshot
 from clipjax.evals.encoders import Encoders, embed_images, embed_texts
 
 E = 6
@@ -82,6 +87,9 @@ def test_classifier_is_the_renormalised_mean_of_normalised_prompts():
         expected.append(_unit(emb.mean(0)))
     np.testing.assert_allclose(w, np.stack(expected), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1, atol=1e-6)
+    # float32 end to end: the prompt counts must not promote the class embeddings.
+    assert w.dtype == np.float32
+    assert zeroshot.ensemble(np.ones((5, 3), np.float32), [2, 3]).dtype == np.float32
     # The ensemble maths on its own: unit rows averaged per class, then renormalised.
     t = np.array([[3.0, 0], [0, 2], [1, 0], [0, 5], [0, 1]])
     np.testing.assert_allclose(zeroshot.ensemble(t, [2, 3]),
@@ -217,9 +225,9 @@ def test_linear_probe_protocol(monkeypatch):
 
 
 def test_shipped_class_names_and_templates():
-    assert len(prompts.imagenet_classnames()) == 1000
-    assert prompts.imagenet_classnames()[:3] == ["tench", "goldfish", "great white shark"]
-    assert prompts.imagenet_classnames()[-1] == "toilet paper"
+    assert len(prompts.classnames("imagenet1k")) == 1000
+    assert prompts.classnames("imagenet1k")[:3] == ["tench", "goldfish", "great white shark"]
+    assert prompts.classnames("imagenet1k")[-1] == "toilet paper"
     assert len(prompts.openai_imagenet_templates()) == 80
     short = prompts.short_imagenet_templates()
     assert short == ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
@@ -285,3 +293,48 @@ def test_search_ranking_and_model_check(tmp_path):
     search.check_model(back, "ViT-tiny", "f00", "ckpt")
     with pytest.raises(ValueError, match="built with ViT-tiny weights f00"):
         search.check_model(back, "ViT-tiny", "beef", "other.safetensors")
+
+
+def _png(path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 9, 3), value, np.uint8)).save(path)
+
+
+def test_labelled_images_split_rows_between_hosts(tmp_path):
+    for i in range(7):
+        _png(tmp_path / "cls" / "ab"[i % 2] / f"{i}.png", 30 * i)
+    images = data.labelled(str(tmp_path / "cls"))  # a bare folder path: imagefolder:PATH
+    assert images.description == f"imagefolder:{tmp_path / 'cls'}"
+    assert images.classnames == ["a", "b"] and len(images) == 7
+    labels = [0, 0, 0, 0, 1, 1, 1]  # a/0 a/2 a/4 a/6 b/1 b/3 b/5
+    for host in range(3):  # host h reads rows h, h + 3, ..., each row once, in order
+        batches = list(images.batches(4, batch_size=2, process_index=host, process_count=3))
+        index = np.concatenate([b["index"] for b in batches])
+        assert index.tolist() == list(range(host, 7, 3))
+        assert np.concatenate([b["label"] for b in batches]).tolist() == [labels[i] for i in index]
+    with pytest.raises(ValueError, match="must be a whole number"):
+        data.labelled("synthetic:many")
+
+
+def test_caption_files_read_through_the_data_layer(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "val" / f"{i}.png", 50 * i)
+    splits = ["test", "restval", "test"]
+    (tmp_path / "k.json").write_text(json.dumps({"images": [
+        {"filepath": "val", "filename": f"{i}.png", "split": s,
+         "sentences": [{"raw": f"c{i}a"}, {"raw": f"c{i}b"}]} for i, s in enumerate(splits)]}))
+    images, captions = data.captioned(tmp_path / "k.json")  # Karpathy's split file
+    assert captions == [["c0a", "c0b"], ["c2a", "c2b"]]
+    (batch,) = images.batches(4, batch_size=8)
+    assert set(batch) == {"image", "index"} and batch["index"].tolist() == [0, 1]
+    np.testing.assert_array_equal(batch["image"][1],
+                                  transforms.eval_transform(tmp_path / "val" / "2.png", 4))
+    assert data.captioned(tmp_path / "k.json", split="train")[1] == [["c1a", "c1b"]]  # + restval
+    (tmp_path / "l.json").write_text(json.dumps([{"image": "val/1.png", "captions": ["p", "q"]}]))
+    assert data.captioned(tmp_path / "l.json")[1] == [["p", "q"]]
+    # CSV: one row per caption. Retrieval needs every image: a missing one is an error.
+    (tmp_path / "c.csv").write_text("image,caption\nval/0.png,x\nval/0.png,y\nval/9.png,z\n")
+    images, captions = data.captioned(tmp_path / "c.csv")
+    assert captions == [["x", "y"], ["z"]]
+    with pytest.raises(ValueError, match=r"9.png cannot be used \(missing_image"):
+        list(images.batches(4))

@@ -99,17 +99,35 @@ def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
     np.testing.assert_allclose([got[s] for s in got], [expect[s] for s in got], rtol=1e-6)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = config_lib.load_config("default", OVERRIDES + ["optimizer.lr=1e30",
-                                                            "optimizer.grad_clip_norm=0.0",
-                                                            "checkpoint.every_steps=1"])
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) at step \d+; stopping"):
-        train.train_and_evaluate(config, tmp_path)
-    ckpt = checkpoint.Checkpointer(tmp_path)
-    last = ckpt.latest_step()
+def _restored_params(workdir: Path, step: int | None = None) -> dict:
+    from clipjax import weights
+    return weights.load(workdir, step=step).params
+
+
+def test_nan_guard_keeps_only_a_checkpoint_that_resumes(uninterrupted, tmp_path):
+    """lr=1e30 after step 10: step 11's update is finite (parameters of 1e29) but step 12's
+    loss is NaN. The checkpoint of step 11 must not survive: the old loop kept it as the
+    "last good" one, and resuming from it reproduced the NaN."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = _restored_params(workdir, 10)
+    wild = OVERRIDES + ["total_steps=14", "optimizer.lr=1e30", "optimizer.grad_clip_norm=0.0",
+                        "checkpoint.every_steps=1"]
+    with pytest.raises(FloatingPointError, match=r"at step 12; stopping\. The last good "
+                                                  r"checkpoint \(step 10\) is intact"):
+        train.train_and_evaluate(config_lib.load_config("default", wild), workdir)
+    ckpt = checkpoint.Checkpointer(workdir)
+    assert ckpt.latest_step() == 10
     ckpt.close()
-    losses = _losses(tmp_path) if (tmp_path / "metrics.jsonl").exists() else {}
-    assert last is not None and all(np.isfinite(losses[s]) for s in range(1, last + 1))
+    kept = dict(jax.tree_util.tree_leaves_with_path(_restored_params(workdir)))
+    for path, x in jax.tree_util.tree_leaves_with_path(before):  # bit for bit, all finite
+        np.testing.assert_array_equal(kept[path], x, err_msg=jax.tree_util.keystr(path))
+    # What was kept resumes with a sane learning rate.
+    train.train_and_evaluate(config_lib.load_config("default", OVERRIDES + ["total_steps=14"]),
+                             workdir)
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, 15)) and all(np.isfinite(list(losses.values())))
 
 
 def test_outputs_of_a_finished_run(uninterrupted):
@@ -158,10 +176,23 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     (["nope.x=1"], "has no section 'nope'"),
     (["loss"], "is not key=value"),
     (["optimizer=1"], "is a section"),
+    (["model_overrides.embed=64"], r"has no field 'embed'; model_overrides takes embed_dim, "
+                                   r"vision.image_size, vision.layers, vision.width"),
+    (["model_overrides.vision.width=1.5"], r"'model_overrides.vision.width' takes a int "
+                                           r"\(ViT-tiny has 64\)"),
 ])
 def test_bad_overrides_are_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         config_lib.load_config("default", overrides)
+
+
+def test_any_architecture_field_is_settable_from_the_command_line():
+    config = config_lib.load_config("default", ["model_overrides.vision.width=128",
+                                                "model_overrides.text.layers=3",
+                                                "model_overrides.activation=quick_gelu"])
+    _, model = train.build_models(config)
+    assert (model.config.vision.width, model.config.text.layers) == (128, 3)
+    assert model.config.activation == "quick_gelu" and model.config.embed_dim == 32
 
 
 @pytest.mark.parametrize("name", ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14", "clip_rn50",

@@ -1,5 +1,6 @@
 """Preprocessing parity with OpenCLIP's eval transform on real photographs, and decode errors."""
 
+import functools
 import io
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from clipjax.data import transforms
+from clipjax.data import sources, stages, transforms
 from reference import open_clip, torchvision_transforms
 
 SIZES = (224, 288, 336)
@@ -47,22 +48,41 @@ def _reference_HWC(reference_transforms, image: Image.Image, size: int) -> np.nd
     return reference_transforms[size](image).numpy().transpose(1, 2, 0)
 
 
-def _max_pixel_diff(ours_HWC: np.ndarray, ref_HWC: np.ndarray) -> float:
-    """Largest difference in [0, 1] intensity units, undoing the division by std."""
-    return float(np.max(np.abs(ours_HWC - ref_HWC) * np.asarray(transforms.CLIP_STD)))
+def _max_diff(ours_HWC: np.ndarray, ref_HWC: np.ndarray) -> float:
+    return float(np.max(np.abs(ours_HWC.astype(np.float64) - ref_HWC)))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=1)  # lossless for every mode here
+    return buf.getvalue()
+
+
+@functools.cache
+def _photo_png(name: str) -> bytes:
+    return _png(PHOTOS[name])
+
+
+def _pipeline_HWC(png: bytes, size: int) -> np.ndarray:
+    """What an evaluation pass of the data pipeline gives for an image stored as a PNG."""
+    prepare = stages.Prepare(image_size=size, train=False, context_length=77, has_text=False,
+                             has_label=False, max_pixels=sources.DEFAULT_MAX_PIXELS)
+    return transforms.normalize_uint8(prepare({"key": "k", "image": png})["image"])
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", sorted(PHOTOS))
 def test_matches_open_clip_on_photos(reference_transforms, name, size):
+    """Bit-identical: the same float32 numbers as OpenCLIP, not merely within a grey level,
+    both from eval_transform and from the pipeline that every evaluator reads through."""
     image = PHOTOS[name]
     ours_HWC = transforms.eval_transform(image, size)
     ref_HWC = _reference_HWC(reference_transforms, image, size)
     assert ours_HWC.shape == ref_HWC.shape == (size, size, 3)
-    assert ours_HWC.dtype == np.float32
-    diff = _max_pixel_diff(ours_HWC, ref_HWC)
-    print(f"{name} @ {size}: max |diff| = {diff:.3g} (x255 = {diff * 255:.3g})")
-    assert diff <= 1 / 255, f"{name} @ {size}: max |diff| {diff:.4g} exceeds 1/255"
+    assert ours_HWC.dtype == ref_HWC.dtype == np.float32
+    print(f"{name} @ {size}: max |diff| = {_max_diff(ours_HWC, ref_HWC):.3g}")
+    np.testing.assert_array_equal(ours_HWC, ref_HWC)
+    np.testing.assert_array_equal(_pipeline_HWC(_photo_png(name), size), ref_HWC)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "1"])
@@ -79,9 +99,11 @@ def test_matches_open_clip_on_other_modes(reference_transforms, mode):
     else:
         image = PHOTOS["chelsea_300x451"].convert(mode)
     ours_HWC = transforms.eval_transform(image, 224)
-    diff = _max_pixel_diff(ours_HWC, _reference_HWC(reference_transforms, image, 224))
-    print(f"mode {mode}: max |diff| = {diff:.3g}")
-    assert diff <= 1 / 255, f"mode {mode}: max |diff| {diff:.4g}"
+    ref_HWC = _reference_HWC(reference_transforms, image, 224)
+    print(f"mode {mode}: max |diff| = {_max_diff(ours_HWC, ref_HWC):.3g}")
+    np.testing.assert_array_equal(ours_HWC, ref_HWC)
+    if mode != "CMYK":  # PNG has no CMYK
+        np.testing.assert_array_equal(_pipeline_HWC(_png(image), 224), ref_HWC)
 
 
 @pytest.mark.parametrize("hw", [(7, 9), (224, 225), (300, 301), (501, 224), (100, 640)])

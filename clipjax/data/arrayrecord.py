@@ -1,4 +1,5 @@
-"""`clipjax data convert`: any source into ArrayRecord shards, read back as `arrayrecord:DST`.
+"""ArrayRecord, clipjax's converted format: `clipjax data convert` writes it, `arrayrecord:`
+sources read it.
 
 ArrayRecord gives every sample an index, so a converted dataset gets what tar streams
 cannot: one global shuffle per epoch and resume at any sample, at any scale. Images are
@@ -8,27 +9,108 @@ other sources are cut into shards of `shard_size` records. Shards are written un
 temporary name and renamed when complete, and `clipjax_dataset.json` (records per shard,
 fields, class names, what was skipped) is written last: a folder without it is an
 unfinished conversion.
+
+A record is a uint32 header length, a JSON header {"key", "text", "label"} and the
+encoded image bytes exactly as the source held them.
 """
 
 import collections
+import glob
 import io
 import json
 import logging
 import multiprocessing
 import os
 import posixpath
+import struct
+import threading
 
 import numpy as np
 
 from clipjax.data import sources as sources_lib
-from clipjax.data.sources import ARRAYRECORD_META, BadSample
+from clipjax.data.sources import BadSample, Record, Source, skipped
 
 log = logging.getLogger("clipjax.data")
+_OPEN_LOCK = threading.Lock()  # readers open lazily, in whichever thread reads first
 
 FORMAT = "clipjax-arrayrecord-1"
+META_FILE = "clipjax_dataset.json"
 # group_size:1 makes every record its own chunk: one read per random access.
 WRITER_OPTIONS = "group_size:1"
 _EXAMPLES_PER_REASON = 20  # skipped keys reported back per shard and reason
+
+
+def encode_record(key: str, image: bytes, text: str | None, label: int | None) -> bytes:
+    header = json.dumps({"key": key, "text": text, "label": label}, ensure_ascii=False).encode()
+    return struct.pack("<I", len(header)) + header + image
+
+
+def decode_record(data: bytes) -> Record:
+    try:
+        (n,) = struct.unpack_from("<I", data)
+        header = json.loads(data[4:4 + n])
+        return {"key": header["key"], "image": data[4 + n:], "text": header["text"],
+                "label": header["label"]}
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        return skipped("?", "corrupt_record", f"{type(e).__name__}: {e}")
+
+
+class ArrayRecordSource(Source):
+    """Shards written by `clipjax data convert`: random access to every sample."""
+
+    kind = "arrayrecord"
+
+    def __init__(self, spec, location, options):
+        super().__init__(spec, location, options)
+        if "://" in location and not location.startswith("file://"):
+            raise ValueError(f"{spec!r}: ArrayRecord files are read through the local file "
+                             "system; copy them to local disk or mount the bucket (gcsfuse).")
+        location = location.removeprefix("file://")
+        if os.path.isdir(location):
+            folder = location
+            self.files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                                if f.endswith(".array_record"))
+        else:
+            folder = os.path.dirname(location)
+            self.files = sorted(glob.glob(location))
+        if not self.files:
+            raise FileNotFoundError(f"No .array_record files match {location!r}.")
+        meta_path = os.path.join(folder, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{folder!r} has no {META_FILE}: it was not written by "
+                             "`clipjax data convert` (read TFDS's ArrayRecord files with tfds:).")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self.has_text, self.has_label = meta["has_text"], meta["has_label"]
+        self.class_names = meta.get("class_names")
+        counts = {s["file"]: s["records"] for s in meta["shards"]}
+        unknown = [f for f in self.files if os.path.basename(f) not in counts]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not listed in {meta_path}; an interrupted "
+                             "conversion leaves such files: convert again.")
+        self.lengths = [counts[os.path.basename(f)] for f in self.files]
+        self._length = int(sum(self.lengths))
+        self._open_reader = None
+
+    def __len__(self):
+        return self._length
+
+    def _reader(self):
+        with _OPEN_LOCK:  # read() runs in several threads
+            if getattr(self, "_open_reader", None) is None:
+                from array_record.python.array_record_data_source import ArrayRecordDataSource
+                self._open_reader = ArrayRecordDataSource(self.files)
+        return self._open_reader
+
+    def read(self, index):
+        record = decode_record(self._reader()[index])
+        if record.get("skip"):
+            record["key"] = f"record {index}"
+        return record
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion.
 
 
 def _checked(record: dict, has_text: bool, verify: bool, max_pixels: int) -> dict:
@@ -88,7 +170,7 @@ def _convert_unit(job) -> tuple[str, int, dict, list]:
                 if skips[e.reason] <= _EXAMPLES_PER_REASON:
                     examples.append((e.reason, record.get("key", "?"), e.detail))
                 continue
-            writer.write(sources_lib.encode_record(r["key"], r["image"], r["text"], r["label"]))
+            writer.write(encode_record(r["key"], r["image"], r["text"], r["label"]))
             written += 1
     finally:
         writer.close()
@@ -147,7 +229,7 @@ def convert(src: str, dst: str, *, shard_size: int = 10_000, num_workers: int = 
             "has_text": source.has_text, "has_label": source.has_label,
             "class_names": source.class_names, "verified": verify, "shards": shards,
             "skipped": dict(skipped)}
-    with open(os.path.join(dst, ARRAYRECORD_META + ".tmp"), "w") as f:
+    with open(os.path.join(dst, META_FILE + ".tmp"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(dst, ARRAYRECORD_META + ".tmp"), os.path.join(dst, ARRAYRECORD_META))
+    os.replace(os.path.join(dst, META_FILE + ".tmp"), os.path.join(dst, META_FILE))
     return meta

@@ -1,4 +1,4 @@
-"""`clipjax data ...` subcommands: convert, info, bench."""
+"""`clipjax data ...` subcommands: convert, info, bench, synthetic."""
 
 import argparse
 import time
@@ -52,6 +52,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _synthetic(args) -> None:
+    from clipjax.data import synthetic
+    paths = synthetic.write_images(args.folder, args.count, image_size=args.image_size,
+                                   seed=args.seed, split=args.split)
+    print(f"Wrote {len(paths)} {args.image_size}x{args.image_size} PNG files of the built-in "
+          f"{args.split} split to {args.folder} (class in each name).")
+
+
 def register(sub) -> None:
     """Adds the data subcommands to the `clipjax` argument parser."""
     data = sub.add_parser("data", help="data sources: convert to ArrayRecord, inspect, benchmark",
@@ -85,3 +93,12 @@ def register(sub) -> None:
     p.add_argument("--batches", type=_positive_int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(fn=_bench)
+
+    p = data_sub.add_parser("synthetic", help="write built-in shapes as PNG files (to try "
+                            "embed and search)")
+    p.add_argument("folder")
+    p.add_argument("--count", type=_positive_int, default=200)
+    p.add_argument("--image-size", type=_positive_int, default=64)
+    p.add_argument("--split", choices=["held_out", "train"], default="held_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_synthetic)

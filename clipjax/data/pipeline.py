@@ -10,7 +10,8 @@
 b is the host-local batch, global_batch_size // process_count. Classification sources give
 "label" int32 [b] (and "text" only with a caption template). Sources are spec strings
 (see clipjax.data.sources) or Source objects; several (a list, or specs joined by ";")
-are mixed by weight. stats() holds only reasons that occurred.
+are mixed by weight. stats() holds only reasons that occurred. train=False is one pass in
+order (evaluation); its batches also carry "index" int64 [b], each row's record index.
 
 How the data is cut, so that every run is a pure function of (sources, seed, hosts,
 workers, batch size):
@@ -25,8 +26,11 @@ workers, batch size):
 - Each sample's augmentation (crop, caption choice) draws from a generator seeded by the
   sample's identity (seed, source, epoch, record), never by its position in a worker.
 - Decoding, augmentation, tokenisation and batching run in `num_workers` grain worker
-  processes (0: in this process). Bad samples are skipped inside the workers; their
-  reasons and keys travel with the batches, so the counts are exact and logged here.
+  processes (0: in this process, random-access sources decoded on `read_threads`
+  threads). Bad samples are skipped inside the workers; their reasons and keys travel
+  with the batches, so the counts are exact and logged here.
+
+The grain stages themselves are in clipjax.data.stages.
 
 Resuming needs the same sources, seed, batch size, hosts and workers; `set_state` says
 which of them differs. State is taken at batch boundaries: a run killed at any point and
@@ -35,362 +39,26 @@ restored from its last saved state reads exactly the batches it would have read.
 
 import atexit
 import collections
-import functools
 import gc
 import json
 import logging
 import os
-import sys
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
-from grain.experimental import index_shuffle
-from PIL import Image
 
 from clipjax.data import sources as sources_lib
-from clipjax.data import transforms
-from clipjax.data.sources import BadSample, Source
-from clipjax.tokenizer import CONTEXT_LENGTH, default_tokenizer
+from clipjax.data import stages
+from clipjax.data.sources import Source
+from clipjax.tokenizer import CONTEXT_LENGTH
 
 log = logging.getLogger("clipjax.data")
 
 STATE_FORMAT = "clipjax-data-1"
-_MAX_SKIPS_PER_BATCH = 256  # a worker reports skips at least this often, even with no rows
+SkipHandler = Callable[[str, str, str], None]  # (key, reason, detail) of a skipped sample
 _LOGGED_PER_REASON = 100    # skipped keys logged at WARNING per reason, the rest at DEBUG
-
-
-def _uint32_seed(*words: int) -> int:
-    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
-
-
-_TABLE_LIMIT = 1 << 16  # permutations up to this length are tabulated
-
-
-@functools.lru_cache(maxsize=8)
-def _permutation_table(length: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(length)
-
-
-def _permuted(index: int, length: int, seed: int, shuffle: bool) -> int:
-    """Position `index` of a permutation of range(length) drawn from `seed`."""
-    if not shuffle or length == 1:
-        return index
-    if length <= _TABLE_LIMIT:
-        # index_shuffle walks cycles over a larger domain and takes milliseconds for short
-        # ranges (24 ms for 2 shards); a table of a short permutation is cheap.
-        return int(_permutation_table(length, seed)[index])
-    return index_shuffle(index, max_index=length - 1, seed=seed, rounds=4)
-
-
-class _HostRecords(grain.MapDataset):
-    """Host `process_index`'s records of a random-access source, epoch after epoch."""
-
-    def __init__(self, source: Source, *, source_id: int, seed: int, train: bool,
-                 process_index: int, process_count: int):
-        super().__init__()
-        self._source, self._source_id, self._seed, self._train = source, source_id, seed, train
-        self._host, self._hosts = process_index, process_count
-        self._n = len(source)
-
-    def __len__(self) -> int:
-        if self._train:
-            return sys.maxsize
-        return len(range(self._host, self._n, self._hosts))
-
-    def __str__(self) -> str:
-        return f"_HostRecords({self._source.spec!r}, host {self._host} of {self._hosts})"
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        epoch, position = divmod(self._host + index * self._hosts, self._n)
-        seed = _uint32_seed(self._seed, self._source_id, epoch)
-        record_index = _permuted(position, self._n, seed, self._train)
-        record = self._source.read(record_index)
-        record["rng"] = [self._seed, self._source_id, epoch, record_index]
-        return record
-
-
-class _ShardStream(grain.IterDataset):
-    """Host `process_index`'s samples of a WebDataset source, shard after shard."""
-
-    def __init__(self, source: Source, *, source_id: int, seed: int, train: bool,
-                 process_index: int, process_count: int, open_shards: int):
-        super().__init__()
-        self.source, self.source_id, self.seed, self.train = source, source_id, seed, train
-        self.host, self.hosts, self.open_shards = process_index, process_count, open_shards
-        self.start, self.step = 0, 1  # this worker's slice of the host's shard sequence
-
-    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        """Keep every sl.step-th shard from sl.start on (grain calls this once per worker)."""
-        del sequential_slice
-        start, step = sl.start or 0, sl.step or 1
-        self.start, self.step = self.start + start * self.step, self.step * step
-
-    def shard_count(self) -> int | None:
-        """How many shards this worker reads; None when training (it never stops)."""
-        if self.train:
-            return None
-        host_shards = len(range(self.host, len(self.source.shards), self.hosts))
-        return len(range(self.start, host_shards, self.step))
-
-    def shard(self, k: int) -> tuple[int, int]:
-        """(epoch, shard index) of this worker's k-th shard."""
-        n = len(self.source.shards)
-        epoch, position = divmod(self.host + (self.start + k * self.step) * self.hosts, n)
-        seed = _uint32_seed(self.seed, self.source_id, epoch)
-        return epoch, _permuted(position, n, seed, self.train)
-
-    def __iter__(self):
-        return _ShardStreamIterator(self)
-
-    def __str__(self) -> str:
-        return f"_ShardStream({self.source.spec!r}, host {self.host} of {self.hosts})"
-
-
-class _ShardStreamIterator(grain.DatasetIterator):
-    """Round-robin over `open_shards` open tars; state: which shards, how far into each."""
-
-    def __init__(self, ds: _ShardStream):
-        super().__init__()
-        self._ds = ds
-        self._next_shard = 0
-        self._open: list[list[int]] = []  # [k, samples already taken] per slot
-        self._readers: list[Any] = []
-        self._turn = 0
-
-    def _reader(self, k: int, skip: int):
-        epoch, shard = self._ds.shard(k)
-        reader = self._ds.source.read_shard(self._ds.source.shards[shard])
-        for _ in range(skip):
-            next(reader, None)
-        return epoch, shard, reader
-
-    def __next__(self):
-        total = self._ds.shard_count()
-        while True:
-            more = total is None or self._next_shard < total
-            while len(self._open) < self._ds.open_shards and more:
-                self._open.append([self._next_shard, 0])
-                self._readers.append(None)
-                self._next_shard += 1
-                more = total is None or self._next_shard < total
-            if not self._open:
-                raise StopIteration
-            t = self._turn % len(self._open)
-            k, taken = self._open[t]
-            if self._readers[t] is None:
-                self._readers[t] = self._reader(k, taken)
-            epoch, shard, reader = self._readers[t]
-            record = next(reader, None)
-            if record is None:  # shard done: the next one takes its slot
-                if total is None or self._next_shard < total:
-                    self._open[t] = [self._next_shard, 0]
-                    self._readers[t] = None
-                    self._next_shard += 1
-                else:
-                    del self._open[t], self._readers[t]
-                continue
-            self._open[t][1] += 1
-            self._turn = t + 1
-            record["rng"] = [self._ds.seed, self._ds.source_id, epoch, shard, taken]
-            return record
-
-    def get_state(self):
-        return {"next_shard": self._next_shard, "open": [list(s) for s in self._open],
-                "turn": self._turn % max(len(self._open), 1)}
-
-    def set_state(self, state):
-        self._next_shard, self._turn = state["next_shard"], state["turn"]
-        self._open = [list(s) for s in state["open"]]
-        self._readers = [None] * len(self._open)
-
-
-class _WindowShuffle(grain.IterDataset):
-    """Consecutive windows of `size` samples, each emitted in its own random order."""
-
-    def __init__(self, parent: grain.IterDataset, size: int, seed: int):
-        super().__init__(parent)
-        self.size, self.seed = size, seed
-
-    def __iter__(self):
-        return _WindowShuffleIterator(self._parent.__iter__(), self.size, self.seed)
-
-    def __str__(self) -> str:
-        return f"_WindowShuffle({self.size})"
-
-
-class _WindowShuffleIterator(grain.DatasetIterator):
-    """State: the parent's state where the window starts, its number, how much was taken."""
-
-    def __init__(self, parent, size: int, seed: int):
-        super().__init__(parent)
-        self._size, self._seed = size, seed
-        self._window: list | None = None  # None: not read yet (start, or after set_state)
-        self._index, self._taken, self._start = 0, 0, None
-
-    def _fill(self) -> None:
-        self._start = self._parent.get_state()
-        items = []
-        for item in self._parent:
-            items.append(item)
-            if len(items) == self._size:
-                break
-        order = np.random.default_rng([self._seed, self._index]).permutation(len(items))
-        self._window = [items[i] for i in order]
-
-    def __next__(self):
-        if self._window is None:
-            self._fill()
-        elif self._taken == len(self._window):
-            self._index, self._taken = self._index + 1, 0
-            self._fill()
-        if self._taken == len(self._window):
-            raise StopIteration
-        item, self._window[self._taken] = self._window[self._taken], None
-        self._taken += 1
-        return item
-
-    def get_state(self):
-        if self._window is None:
-            start = self._start if self._start is not None else self._parent.get_state()
-            return {"start": start, "window": self._index, "taken": self._taken}
-        if self._taken == len(self._window):  # the next window starts where the parent is
-            return {"start": self._parent.get_state(), "window": self._index + 1, "taken": 0}
-        return {"start": self._start, "window": self._index, "taken": self._taken}
-
-    def set_state(self, state):
-        self._parent.set_state(state["start"])
-        self._start, self._index, self._taken = state["start"], state["window"], state["taken"]
-        self._window = None
-
-
-class _Prepare:
-    """Raw record -> {"image", "text"?, "label"?} or {"skip": (reason, detail), "key"}.
-
-    The image stays uint8 here; the batcher normalises it straight into the batch array.
-    """
-
-    def __init__(self, *, image_size: int, train: bool, context_length: int, has_text: bool,
-                 has_label: bool, max_pixels: int):
-        self.image_size, self.train, self.context_length = image_size, train, context_length
-        self.has_text, self.has_label, self.max_pixels = has_text, has_label, max_pixels
-
-    def __call__(self, record: dict) -> dict:
-        if record.get("skip"):
-            return {"skip": tuple(record["skip"]), "key": record["key"]}
-        rng = np.random.default_rng(record["rng"]) if self.train else None
-        try:
-            out = {}
-            if self.has_text:
-                text = record["text"]
-                if isinstance(text, (list, tuple)):  # several captions: one per visit
-                    if not text:
-                        raise BadSample("missing_caption", "no captions")
-                    text = text[int(rng.integers(len(text)))] if rng is not None else text[0]
-                out["text"] = default_tokenizer()(sources_lib.caption_text(text),
-                                                  self.context_length)[0]
-            if self.has_label:
-                out["label"] = np.int32(record["label"])
-            image = sources_lib.open_image(record["image"], self.max_pixels)
-            out["image"] = self._transform(image, rng)
-        except BadSample as e:
-            return {"skip": (e.reason, e.detail), "key": record["key"]}
-        return out
-
-    def _transform(self, image: Image.Image, rng) -> np.ndarray:
-        size = self.image_size
-        if not self.train:
-            sources_lib.load_pixels(image)
-            try:  # eval_transform's steps; normalize_uint8 then gives the same bits
-                image = transforms.center_crop(transforms.resize_shortest_side(image, size), size)
-                return transforms.rgb_array(image)
-            except Exception as e:  # odd modes and broken palettes must not stop a run
-                raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
-        box = transforms.random_resized_crop_box(*image.size, rng)
-        left, top, crop_w, crop_h = box
-        try:
-            if image.format == "JPEG" and min(crop_w, crop_h) >= 2 * size:
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the crop stays at least
-                # `size` pixels: the same crop for a fraction of the decoding work.
-                width, height = image.size
-                image.draft("RGB", (-(-width * size // crop_w), -(-height * size // crop_h)))
-                sources_lib.load_pixels(image)
-                sx, sy = image.size[0] / width, image.size[1] / height
-                image = image.resize((size, size), Image.Resampling.BICUBIC,
-                                     box=(left * sx, top * sy, (left + crop_w) * sx,
-                                          (top + crop_h) * sy))
-            else:
-                sources_lib.load_pixels(image)
-                image = transforms.resized_crop(image, box, size)
-            return transforms.rgb_array(image)
-        except BadSample:
-            raise
-        except Exception as e:
-            raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
-
-
-class _Batch(grain.IterDataset):
-    """Up to `batch_size` good samples per batch, with the skipped ones' (reason, key, detail)."""
-
-    def __init__(self, parent: grain.IterDataset, batch_size: int, empty: dict[str, np.ndarray],
-                 shared_memory: bool):
-        super().__init__(parent)
-        self.batch_size, self.empty, self.shared_memory = batch_size, empty, shared_memory
-
-    def __iter__(self):
-        return _BatchIterator(self._parent.__iter__(), self.batch_size, self.empty,
-                              self.shared_memory)
-
-    def __str__(self) -> str:
-        return f"_Batch({self.batch_size})"
-
-
-class _BatchIterator(grain.DatasetIterator):
-
-    def __init__(self, parent, batch_size: int, empty: dict[str, np.ndarray],
-                 shared_memory: bool):
-        super().__init__(parent)
-        self._batch_size, self._empty, self._shared_memory = batch_size, empty, shared_memory
-
-    def __next__(self):
-        rows, skips = [], []
-        while len(rows) < self._batch_size and len(skips) < _MAX_SKIPS_PER_BATCH:
-            try:
-                element = next(self._parent)
-            except StopIteration:
-                break
-            if "skip" in element:
-                reason, detail = element["skip"]
-                skips.append((reason, element["key"], detail))
-            else:
-                rows.append(element)
-        if not rows and not skips:
-            raise StopIteration
-        batch = {k: np.stack([r[k] for r in rows]) if rows else v for k, v in self._empty.items()
-                 if k != "image"}
-        # Written straight into the batch, which in a worker process is already the shared
-        # memory the main process reads: no per-image float arrays, no extra copies.
-        shape, dtype = (len(rows), *self._empty["image"].shape[1:]), self._empty["image"].dtype
-        new = grain.multiprocessing.SharedMemoryArray if self._shared_memory and rows else np.empty
-        image_BHWC = new(shape, dtype)
-        for b, row in enumerate(rows):
-            if dtype == np.uint8:
-                image_BHWC[b] = row["image"]
-            else:
-                transforms.normalize_uint8(row["image"], out=image_BHWC[b])
-        batch["image"] = image_BHWC
-        batch["_skipped"] = skips
-        return batch
-
-    def get_state(self):
-        return self._parent.get_state()
-
-    def set_state(self, state):
-        self._parent.set_state(state)
 
 
 def _rows(batch: dict) -> int:
@@ -419,10 +87,12 @@ class DataIterator:
     """
 
     def __init__(self, dataset: grain.IterDataset, *, batch_size: int, config: dict,
-                 class_names: list[str] | None, max_consecutive_skips: int):
+                 class_names: list[str] | None, max_consecutive_skips: int,
+                 on_skip: SkipHandler | None = None):
         self._dataset, self.batch_size, self.config = dataset, batch_size, config
         self.class_names = class_names
         self._max_consecutive_skips = max_consecutive_skips
+        self._on_skip = on_skip
         self._it = None
         self._pending: list[list] = []  # [grain state before it, batch, rows handed out]
         self._exhausted = False
@@ -470,6 +140,8 @@ class DataIterator:
             log.log(level, "Skipped sample %s: %s (%s)", key, reason, detail)
             if count == _LOGGED_PER_REASON:
                 log.warning("Further %s skips are logged at DEBUG level.", reason)
+            if self._on_skip is not None:
+                self._on_skip(key, reason, detail)
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self.batch_size
@@ -569,7 +241,8 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
                   weights: Sequence[float] | None = None, shuffle_window: int = 2000,
                   open_shards: int = 4, read_threads: int = 4,
                   max_consecutive_skips: int = 10_000,
-                  image_dtype: str = "float32") -> DataIterator:
+                  image_dtype: str = "float32",
+                  on_skip: SkipHandler | None = None) -> DataIterator:
     """The host-local batch iterator over one source or a weighted mixture.
 
     `data` is a spec, a Source, or several: a list, or specs joined by ";" in one string
@@ -579,7 +252,9 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
     `weight=` option. `num_workers` defaults to the CPU count less one, at most 32.
     image_dtype="uint8" gives the pixels before normalisation (a quarter of the bytes to
     move; the train step normalises uint8 on the device); normalize() of them is exactly
-    the float32 batch.
+    the float32 batch. An evaluation pass over a random-access source also gives "index"
+    int64 [b], each row's record index in the source. `on_skip(key, reason, detail)` is
+    called for every skipped sample, after it is logged and counted.
     """
     if image_dtype not in ("float32", "uint8"):
         raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}.")
@@ -615,32 +290,40 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
                              "(captions vs labels); mix like with like, or give the class folder "
                              "a caption template (template=a photo of a {}.).")
     num_workers = default_num_workers() if num_workers is None else num_workers
+    with_index = not train and srcs[0].random_access
 
     per_source = []
     for i, s in enumerate(srcs):
         host = dict(source_id=i, seed=seed, train=train, process_index=process_index,
                     process_count=process_count)
+        prepare = stages.Prepare(image_size=image_size, train=train,
+                                 context_length=context_length, has_text=has_text,
+                                 has_label=has_label, max_pixels=s.max_pixels, index=with_index)
         if s.random_access:
-            ds = _HostRecords(s, **host).to_iter_dataset(
+            # Prepared on the read threads: PIL decodes and resizes without holding the GIL,
+            # so an evaluation pass without worker processes still uses several cores.
+            ds = stages.HostRecords(s, **host).map(prepare).to_iter_dataset(
                 grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
         else:
             if len(s.shards) < process_count * max(num_workers, 1):
                 log.warning("%s has %d shards for %d hosts x %d workers: some read the same "
                             "shard at once (in different epochs); use more shards or convert "
                             "to ArrayRecord.", s.spec, len(s.shards), process_count, num_workers)
-            ds = _ShardStream(s, open_shards=open_shards, **host)
+            ds = stages.ShardStream(s, open_shards=open_shards, **host)
             if train and shuffle_window > 1:
-                ds = _WindowShuffle(ds, shuffle_window, seed=_uint32_seed(seed, i, 1 << 20))
-        per_source.append(ds.map(_Prepare(image_size=image_size, train=train,
-                                          context_length=context_length, has_text=has_text,
-                                          has_label=has_label, max_pixels=s.max_pixels)))
+                ds = stages.WindowShuffle(ds, shuffle_window,
+                                          seed=stages.uint32_seed(seed, i, 1 << 20))
+            ds = ds.map(prepare)
+        per_source.append(ds)
     ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
     empty = {"image": np.zeros((0, image_size, image_size, 3), np.dtype(image_dtype))}
     if has_text:
         empty["text"] = np.zeros((0, context_length), np.int32)
     if has_label:
         empty["label"] = np.zeros((0,), np.int32)
-    ds = _Batch(ds, batch_size, empty, shared_memory=num_workers > 0)
+    if with_index:
+        empty["index"] = np.zeros((0,), np.int64)
+    ds = stages.Batch(ds, batch_size, empty, shared_memory=num_workers > 0)
     if num_workers > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
@@ -653,21 +336,26 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
               "open_shards": open_shards, "image_dtype": image_dtype}
     class_names = srcs[0].class_names if len(srcs) == 1 else None
     return DataIterator(ds, batch_size=batch_size, config=json.loads(json.dumps(config)),
-                        class_names=class_names, max_consecutive_skips=max_consecutive_skips)
+                        class_names=class_names, max_consecutive_skips=max_consecutive_skips,
+                        on_skip=on_skip)
 
 
 def classification_eval(data: "str | Source", *, global_batch_size: int, image_size: int,
                         process_index: int | None = None, process_count: int | None = None,
-                        num_workers: int = 0) -> tuple[list[str], DataIterator]:
-    """(class names, one finite pass of {"image", "label"} batches) for zero-shot evaluation.
+                        num_workers: int = 0, read_threads: int = 4,
+                        on_skip: SkipHandler | None = None) -> tuple[list[str], DataIterator]:
+    """(class names, one finite pass of {"image", "label", "index"} batches) for zero-shot
+    evaluation and linear probes.
 
-    For `imagefolder:` and TFDS classification sources; each host reads its 1/P share.
+    For class-labelled sources (imagefolder:, tfds: with a ClassLabel, arrayrecord: converted
+    from one); each host reads its 1/P share.
     """
     source = sources_lib.open_source(data)
     if not source.has_label or not source.class_names:
-        raise ValueError(f"{source.spec!r} has no class labels: use an imagefolder: source or a "
-                         "TFDS dataset with a ClassLabel feature.")
+        raise ValueError(f"{source.spec!r} has no class labels: use an imagefolder: source, a "
+                         "TFDS dataset with a ClassLabel feature, or ArrayRecord converted from "
+                         "either.")
     it = make_iterator(source, global_batch_size=global_batch_size, image_size=image_size,
                        train=False, process_index=process_index, process_count=process_count,
-                       num_workers=num_workers)
+                       num_workers=num_workers, read_threads=read_threads, on_skip=on_skip)
     return list(source.class_names), it

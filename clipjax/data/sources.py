@@ -33,37 +33,32 @@ gives a global shuffle and exact resume, or, for WebDataset tars, shard by shard
 (`source.shards`, `source.read_shard(url)`). Either way a read never raises for bad data:
 the record carries `skip=(reason, detail)` and the pipeline counts it. Missing files and
 bad specs raise when the source is opened, before training starts.
+
+This module holds the spec syntax, file access, the checks every read shares and the
+csv, folder and imagefolder kinds; wds_source.py, tfds_source.py and arrayrecord.py hold
+the others. `ImageFiles` reads a list of image paths that code chose (no spec).
 """
 
 import csv
 import io
-import json
 import logging
 import os
 import posixpath
 import re
-import struct
-import tarfile
-import threading
 import urllib.parse
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from clipjax.tfrecord import masked_crc32c
-
 log = logging.getLogger("clipjax.data")
-_OPEN_LOCK = threading.Lock()
 
 Record = dict[str, Any]  # key, image (bytes | None), text, label (int | None), skip
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What counts as an image file (by suffix) in folders and tar groups; PIL decodes each.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "pgm", "tif", "tiff")
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS)  # 89,478,485: PIL's own warning threshold
-ARRAYRECORD_META = "clipjax_dataset.json"
 
 # Why a sample is skipped; the pipeline reports each as "skipped/<reason>".
 SKIP_REASONS = (
@@ -179,37 +174,35 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, location, options
 
 
+def format_spec(kind: str, location: str, options: dict[str, str]) -> str:
+    """The spec string of (kind, location, options): parse_spec's inverse."""
+    if not options:
+        return f"{kind}:{location}"
+    quoted = "&".join(f"{k}={urllib.parse.quote(str(v), safe=' /:,.-_~()[]{}*@!$')}"
+                      for k, v in options.items())
+    return f"{kind}:{location}?{quoted}"
+
+
+def source_class(kind: str) -> "type[Source]":
+    """The Source subclass that reads `kind` (one of KINDS)."""
+    if kind == "tfds":
+        from clipjax.data.tfds_source import TfdsSource
+        return TfdsSource
+    if kind == "arrayrecord":
+        from clipjax.data.arrayrecord import ArrayRecordSource
+        return ArrayRecordSource
+    if kind == "wds":
+        from clipjax.data.wds_source import WebDatasetSource
+        return WebDatasetSource
+    return _FILE_KINDS[kind]
+
+
 def open_source(spec: "str | Source") -> "Source":
     """The source a spec names, checked: missing files and bad options raise here."""
     if isinstance(spec, Source):
         return spec
     kind, location, options = parse_spec(spec)
-    return KINDS[kind](spec, location, options)
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style braces: `a{00..02}b{x,y}` -> a00bx a00by a01bx ... (zero padding kept)."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        if "{" in pattern or "}" in pattern:
-            raise ValueError(f"Unbalanced braces in {pattern!r}: write e.g. "
-                             "shards/{000..099}.tar.")
-        return [pattern]
-    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        if int(hi) < int(lo):
-            raise ValueError(f"Empty range {{{body}}} in {pattern!r}: the first number must not "
-                             "exceed the second.")
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        raise ValueError(f"Cannot expand {{{body}}} in {pattern!r}: use {{first..last}} or "
-                         "{a,b,c}.")
-    return [expanded for item in items for expanded in expand_braces(head + item + tail)]
+    return source_class(kind)(spec, location, options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,24 +262,39 @@ def check_files_exist(urls: list[str], what: str) -> None:
                                 "fix the path or the brace range.")
 
 
-def _list_files(root: str) -> list[str]:
-    """Every file under `root`, sorted, as paths or URLs like `root`."""
+def list_images(root: str) -> list[str]:
+    """Every image file under `root` (any depth, by IMAGE_EXTENSIONS, hidden files and
+    folders left out), sorted, as paths or URLs like `root`."""
+    def wanted(path: str) -> bool:
+        base = posixpath.basename(path)
+        return (not base.startswith(".") and "." in base
+                and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+
     if _is_local(root):
         root = _local(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Folder {root!r} does not exist.")
-        return sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True)
-                      for f in files)
+        out = []
+        for directory, folders, files in os.walk(root, followlinks=True):
+            folders[:] = [d for d in folders if not d.startswith(".")]
+            out += [os.path.join(directory, f) for f in files if wanted(f)]
+        return sorted(out)
     fs, path = _fs(root)
     if not fs.isdir(path):
         raise FileNotFoundError(f"Folder {root!r} does not exist.")
     protocol = root.split("://", 1)[0]
-    return sorted(f"{protocol}://{p}" for p in fs.find(path))
+    return sorted(f"{protocol}://{p}" for p in fs.find(path)
+                  if wanted(p) and "/." not in p[len(path):])
 
 
-def _has_extension(path: str, extensions) -> bool:
-    base = posixpath.basename(path)
-    return "." in base and base.rsplit(".", 1)[-1].lower() in extensions
+def _read_image(path: str) -> bytes | Record:
+    """The file's bytes, or the skip record of a file that cannot be read."""
+    try:
+        return read_bytes(path)
+    except FileNotFoundError:
+        return skipped(path, "missing_image", "file does not exist")
+    except OSError as e:
+        return skipped(path, "unreadable_file", f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,61 +348,6 @@ def _positive(value: str, name: str, spec: str, cast):
     return out
 
 
-class WebDatasetSource(Source):
-    """Tar shards of `key.ext` members, grouped by key, read in order."""
-
-    kind = "wds"
-    random_access = False
-
-    def __init__(self, spec, location, options):
-        super().__init__(spec, location, options)
-        self.shards = [url for part in location.split("::") for url in expand_braces(part)]
-        if not self.shards:
-            raise ValueError(f"{spec!r} names no shards.")
-        if len(set(self.shards)) != len(self.shards):
-            raise ValueError(f"{spec!r} names some shards twice; each shard must appear once.")
-        check_files_exist(self.shards, "WebDataset shards")
-
-    def read_shard(self, url: str) -> Iterator[Record]:
-        """The shard's samples in tar order; a broken tar ends with a skip record."""
-        name = posixpath.basename(url)
-        group: dict[str, bytes] = {}
-        key = None
-        opened = False
-        try:
-            with open_file(url) as f:
-                opened = True
-                tar = tarfile.open(fileobj=f, mode="r|*")
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    directory, base = posixpath.split(member.name)
-                    stem, dot, ext = base.partition(".")
-                    if not dot or not stem:
-                        continue  # not a `key.ext` member (e.g. a hidden file)
-                    member_key = posixpath.join(directory, stem)
-                    if member_key != key:
-                        if key is not None:
-                            yield self._record(f"{name}/{key}", group)
-                        key, group = member_key, {}
-                    group[ext.lower()] = tar.extractfile(member).read()
-        except GeneratorExit:  # closed early (at exit, tarfile may already be torn down)
-            raise
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            if group:  # the members read before the break
-                yield self._record(f"{name}/{key}", group)
-            reason = "truncated_shard" if opened else "unreadable_file"
-            yield skipped(name, reason, f"{type(e).__name__}: {e}")
-            return
-        if key is not None:
-            yield self._record(f"{name}/{key}", group)
-
-    @staticmethod
-    def _record(key: str, group: dict[str, bytes]) -> Record:
-        image = next((group[e] for e in WDS_IMAGE_EXTENSIONS if e in group), None)
-        return {"key": key, "image": image, "text": group.get("txt"), "label": None}
-
-
 class CsvSource(Source):
     """Rows of (image path, caption) from a CSV or TSV file."""
 
@@ -445,12 +398,9 @@ class CsvSource(Source):
         path = self.paths[index]
         if not path:
             return skipped(f"row {index + 2}", "missing_image", "empty image path")
-        try:
-            image = read_bytes(path)
-        except FileNotFoundError:
-            return skipped(path, "missing_image", "file does not exist")
-        except OSError as e:
-            return skipped(path, "unreadable_file", f"{type(e).__name__}: {e}")
+        image = _read_image(path)
+        if isinstance(image, dict):
+            return image
         return {"key": path, "image": image, "text": self.captions[index], "label": None}
 
 
@@ -461,8 +411,7 @@ class CaptionFolderSource(Source):
 
     def __init__(self, spec, location, options):
         super().__init__(spec, location, options)
-        files = _list_files(location)
-        self.paths = [f for f in files if _has_extension(f, IMAGE_EXTENSIONS)]
+        self.paths = list_images(location)
         if not self.paths:
             raise ValueError(f"Folder {location!r} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}).")
@@ -472,10 +421,9 @@ class CaptionFolderSource(Source):
 
     def read(self, index):
         path = self.paths[index]
-        try:
-            image = read_bytes(path)
-        except OSError as e:
-            return skipped(path, "unreadable_file", f"{type(e).__name__}: {e}")
+        image = _read_image(path)
+        if isinstance(image, dict):
+            return image
         try:
             text = read_bytes(path.rsplit(".", 1)[0] + ".txt")
         except FileNotFoundError:
@@ -501,13 +449,15 @@ class ClassFolderSource(Source):
                              "the class name goes.")
         self.has_text = self.template is not None
         root = location.rstrip("/")
-        files = [f for f in _list_files(root) if _has_extension(f, IMAGE_EXTENSIONS)]
+        files = list_images(root)
         # The class is the first folder below root; deeper folders belong to it.
         relative = [f[len(root) + 1:].replace(os.sep, "/") for f in files]
         pairs = [(r.split("/", 1)[0], f) for r, f in zip(relative, files) if "/" in r]
         self.class_names = sorted({c for c, _ in pairs})
         if not self.class_names:
-            raise ValueError(f"Folder {location!r} has no class subfolders with images.")
+            raise ValueError(f"Folder {location!r} holds no class subfolders with images; a "
+                             "labelled image folder needs one subfolder of images per class "
+                             "(root/cat/1.jpg, root/dog/2.jpg).")
         index = {c: i for i, c in enumerate(self.class_names)}
         self.paths = [f for _, f in pairs]
         self.labels = [index[c] for c, _ in pairs]
@@ -517,288 +467,38 @@ class ClassFolderSource(Source):
 
     def read(self, index):
         path, label = self.paths[index], self.labels[index]
-        try:
-            image = read_bytes(path)
-        except OSError as e:
-            return skipped(path, "unreadable_file", f"{type(e).__name__}: {e}")
+        image = _read_image(path)
+        if isinstance(image, dict):
+            return image
         text = self.template.format(self.class_names[label]) if self.template else None
         return {"key": path, "image": image, "text": text, "label": label}
 
 
-# ---------------------------------------------------------------------------------------
-# ArrayRecord: our converted format. A record is a uint32 header length, a JSON header
-# {"key", "text", "label"} and the encoded image bytes exactly as the source held them.
+class ImageFiles(Source):
+    """Images at paths that the caller chose (`clipjax embed`'s folder walk, the images of a
+    retrieval caption file): no captions, no labels, and no spec string of their own."""
 
+    kind = "files"
+    has_text = False
 
-def encode_record(key: str, image: bytes, text: str | None, label: int | None) -> bytes:
-    header = json.dumps({"key": key, "text": text, "label": label}, ensure_ascii=False).encode()
-    return struct.pack("<I", len(header)) + header + image
-
-
-def decode_record(data: bytes) -> Record:
-    try:
-        (n,) = struct.unpack_from("<I", data)
-        header = json.loads(data[4:4 + n])
-        return {"key": header["key"], "image": data[4 + n:], "text": header["text"],
-                "label": header["label"]}
-    except (struct.error, ValueError, KeyError, TypeError) as e:
-        return skipped("?", "corrupt_record", f"{type(e).__name__}: {e}")
-
-
-class ArrayRecordSource(Source):
-    """Shards written by `clipjax data convert`: random access to every sample."""
-
-    kind = "arrayrecord"
-
-    def __init__(self, spec, location, options):
-        super().__init__(spec, location, options)
-        if not _is_local(location):
-            raise ValueError(f"{spec!r}: ArrayRecord files are read through the local file "
-                             "system; copy them to local disk or mount the bucket (gcsfuse).")
-        location = _local(location)
-        if os.path.isdir(location):
-            folder = location
-            self.files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                                if f.endswith(".array_record"))
-        else:
-            import glob
-            folder = os.path.dirname(location)
-            self.files = sorted(glob.glob(location))
-        if not self.files:
-            raise FileNotFoundError(f"No .array_record files match {location!r}.")
-        meta_path = os.path.join(folder, ARRAYRECORD_META)
-        if not os.path.isfile(meta_path):
-            raise ValueError(f"{folder!r} has no {ARRAYRECORD_META}: it was not written by "
-                             "`clipjax data convert` (read TFDS's ArrayRecord files with tfds:).")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        self.has_text, self.has_label = meta["has_text"], meta["has_label"]
-        self.class_names = meta.get("class_names")
-        counts = {s["file"]: s["records"] for s in meta["shards"]}
-        unknown = [f for f in self.files if os.path.basename(f) not in counts]
-        if unknown:
-            raise ValueError(f"{unknown[0]!r} is not listed in {meta_path}; an interrupted "
-                             "conversion leaves such files: convert again.")
-        self.lengths = [counts[os.path.basename(f)] for f in self.files]
-        self._length = int(sum(self.lengths))
-        self._open_reader = None
+    def __init__(self, paths: list[str], name: str):
+        super().__init__(name, name, {})
+        self.paths = [os.fspath(p) for p in paths]
 
     def __len__(self):
-        return self._length
-
-    def _reader(self):
-        with _OPEN_LOCK:  # read() runs in several threads
-            if getattr(self, "_open_reader", None) is None:
-                from array_record.python.array_record_data_source import ArrayRecordDataSource
-                self._open_reader = ArrayRecordDataSource(self.files)
-        return self._open_reader
+        return len(self.paths)
 
     def read(self, index):
-        record = decode_record(self._reader()[index])
-        if record.get("skip"):
-            record["key"] = f"record {index}"
-        return record
+        image = _read_image(self.paths[index])
+        if isinstance(image, dict):
+            return image
+        return {"key": self.paths[index], "image": image, "text": None, "label": None}
 
 
-# ---------------------------------------------------------------------------------------
-# TFDS, read without TensorFlow.
-
-_TFDS_TEXT_KEYS = ("captions/text", "caption", "text", "captions")
-
-
-def tfrecord_offsets(path: str) -> list[tuple[int, int]]:
-    """(offset, length) of each record's data in a TFRecord file, from its framing alone."""
-    offsets = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        position = 0
-        while position < size:
-            header = f.read(12)
-            if len(header) < 12:
-                raise ValueError(f"TFRecord file {path!r} ends inside a record header.")
-            (length,), (crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
-            if crc != masked_crc32c(header[:8]):
-                raise ValueError(f"TFRecord file {path!r} is corrupt at byte {position}.")
-            offsets.append((position + 12, length))
-            position += 12 + length + 4
-            f.seek(position)
-    return offsets
-
-
-def _tfds_dataset_dir(name: str, data_dir: str, spec: str) -> str:
-    """data_dir/name[/config]/version, the newest version when none is given."""
-    name, _, version = name.partition(":")
-    base = os.path.join(data_dir, name)
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"{spec!r}: no prepared TFDS dataset {name!r} in {data_dir!r}; "
-                                "pass data_dir= or prepare it with tfds first.")
-
-    def versions(d):
-        return sorted((v for v in os.listdir(d) if re.fullmatch(r"\d+\.\d+\.\d+", v)
-                       and os.path.isfile(os.path.join(d, v, "dataset_info.json"))),
-                      key=lambda v: tuple(map(int, v.split("."))))
-
-    found = versions(base)
-    if not found and "/" not in name:
-        configs = [c for c in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, c))
-                   and versions(os.path.join(base, c))]
-        if len(configs) == 1:
-            base = os.path.join(base, configs[0])
-            found = versions(base)
-        elif configs:
-            raise ValueError(f"{spec!r}: TFDS dataset {name!r} has configs {', '.join(configs)}; "
-                             f"name one, e.g. tfds:{name}/{configs[0]}.")
-    if version:
-        if version not in found:
-            raise FileNotFoundError(f"{spec!r}: version {version} of {name!r} is not prepared in "
-                                    f"{base!r} (found: {', '.join(found) or 'none'}).")
-        return os.path.join(base, version)
-    if not found:
-        raise FileNotFoundError(f"{spec!r}: {base!r} holds no prepared version of {name!r}.")
-    return os.path.join(base, found[-1])
-
-
-def _get_path(example: dict, key: str):
-    for part in key.split("/"):
-        example = example[part]
-    return example
-
-
-def _nested(key: str, value) -> dict:
-    out = value
-    for part in reversed(key.split("/")):
-        out = {part: out}
-    return out
-
-
-class TfdsSource(Source):
-    """A prepared TFDS dataset: array_record through tfds.data_source, tfrecord by our reader."""
-
-    kind = "tfds"
-    options_allowed = {"data_dir": "TFDS data directory", "split": "split, e.g. train[:10%]",
-                       "image_key": "image feature", "text_key": "caption feature",
-                       "label_key": "class label feature"}
-
-    def __init__(self, spec, location, options):
-        super().__init__(spec, location, options)
-        import tensorflow_datasets as tfds
-        data_dir = options.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-            "~/tensorflow_datasets")
-        self.directory = _tfds_dataset_dir(location, data_dir, spec)
-        self.split = options.get("split", "train")
-        builder = tfds.builder_from_directory(self.directory)
-        info = builder.info
-        features = info.features
-        keys = _feature_keys(features)
-        self.image_key = options.get("image_key", "image")
-        if self.image_key not in keys:
-            raise ValueError(f"{spec!r} has no image feature {self.image_key!r} (features: "
-                             f"{', '.join(sorted(keys))}); pass image_key=.")
-        self.text_key = options.get("text_key") or next(
-            (k for k in _TFDS_TEXT_KEYS if k in keys), None)
-        label_key = options.get("label_key")
-        if label_key is None and isinstance(keys.get("label"), tfds.features.ClassLabel):
-            label_key = "label"
-        self.label_key = label_key
-        for key in (self.text_key, self.label_key):
-            if key is not None and key not in keys:
-                raise ValueError(f"{spec!r} has no feature {key!r} (features: "
-                                 f"{', '.join(sorted(keys))}).")
-        if self.text_key is None and self.label_key is None:
-            raise ValueError(f"{spec!r} has neither captions nor class labels that clipjax "
-                             f"recognises (features: {', '.join(sorted(keys))}); pass text_key= "
-                             "or label_key=.")
-        self.has_text, self.has_label = self.text_key is not None, self.label_key is not None
-        if self.has_label:
-            names = getattr(keys[self.label_key], "names", None)
-            self.class_names = list(names) if names else None
-        try:
-            instructions = info.splits[self.split].file_instructions
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{spec!r}: split {self.split!r} is not available ({e}); splits: "
-                             f"{', '.join(info.splits.keys())}.") from None
-        self.file_format = info.file_format.value if info.file_format else "tfrecord"
-        if self.file_format == "array_record":
-            self._length = sum(fi.take for fi in instructions)
-        elif self.file_format == "tfrecord":
-            # Our own index: TFDS's tfrecord reading goes through tf.data.
-            check_files_exist([fi.filename for fi in instructions], "TFRecord files")
-            self.records: list[tuple[str, int, int]] = []
-            for fi in instructions:
-                offsets = tfrecord_offsets(fi.filename)
-                take = fi.take if fi.take >= 0 else len(offsets) - fi.skip
-                self.records += [(fi.filename, o, n) for o, n in offsets[fi.skip:fi.skip + take]]
-            self._length = len(self.records)
-        else:
-            raise ValueError(f"{spec!r} is stored as {self.file_format}; clipjax reads TFDS "
-                             "array_record and tfrecord files.")
-        self._open_source = None
-
-    def __len__(self):
-        return self._length
-
-    def _open(self):
-        with _OPEN_LOCK:  # read() runs in several threads
-            if getattr(self, "_open_source", None) is None:
-                import tensorflow_datasets as tfds
-                builder = tfds.builder_from_directory(self.directory)
-                # Images stay encoded: the pipeline decodes them with its own checks.
-                self._open_decoders = _nested(self.image_key, tfds.decode.SkipDecoding())
-                self._open_features = builder.info.features
-                if self.file_format == "array_record":
-                    self._open_source = builder.as_data_source(
-                        split=self.split, decoders=self._open_decoders)
-                else:
-                    self._open_source = self  # records are read by _example
-        return self._open_source
-
-    def _example(self, index: int) -> dict:
-        source = self._open()
-        if source is not self:
-            return source[index]
-        filename, offset, length = self.records[index]
-        with open(filename, "rb") as f:
-            data = os.pread(f.fileno(), length, offset)
-        return self._open_features.deserialize_example_np(data, decoders=self._open_decoders)
-
-    def read(self, index):
-        key = f"{self.location}[{self.split}] #{index}"
-        try:
-            example = self._example(index)
-        except Exception as e:  # a record that does not parse must not stop a run
-            return skipped(key, "corrupt_record", f"{type(e).__name__}: {e}")
-        text = None
-        if self.text_key is not None:
-            text = _get_path(example, self.text_key)
-            if isinstance(text, np.ndarray):
-                text = text.tolist()
-        label = int(_get_path(example, self.label_key)) if self.label_key else None
-        return {"key": key, "image": _get_path(example, self.image_key), "text": text,
-                "label": label}
-
-
-def _feature_keys(features) -> dict[str, Any]:
-    """Feature paths ("captions/text") to feature objects, nested dicts flattened."""
-    import tensorflow_datasets as tfds
-    out = {}
-
-    def visit(prefix, feature):
-        out[prefix] = feature
-        inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
-        if isinstance(inner, tfds.features.FeaturesDict):
-            for k, v in inner.items():
-                visit(f"{prefix}/{k}" if prefix else k, v)
-
-    for k, v in features.items():
-        visit(k, v)
-    return out
-
-
-KINDS: dict[str, type[Source]] = {
-    "wds": WebDatasetSource,
+_FILE_KINDS: dict[str, type[Source]] = {
     "csv": CsvSource,
     "folder": CaptionFolderSource,
     "imagefolder": ClassFolderSource,
-    "tfds": TfdsSource,
-    "arrayrecord": ArrayRecordSource,
 }
+# wds_source.py, tfds_source.py and arrayrecord.py hold the other kinds.
+KINDS = ("wds", *_FILE_KINDS, "tfds", "arrayrecord")

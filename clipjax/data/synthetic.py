@@ -244,21 +244,42 @@ class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
                 "text": tokenize(text, self.context_length),
                 "label": ex.label_B.astype(np.int32)}
 
+    def _settings(self) -> dict:
+        return {"seed": self.seed, "split": self.split, "batch_size": self.batch_size,
+                "image_size": self.image_size, "context_length": self.context_length,
+                "process_count": self.process_count}
+
     def get_state(self) -> dict:
-        return {"next_index": self._next, "seed": self.seed, "split": self.split}
+        return {"next_index": self._next, **self._settings()}
 
     def set_state(self, state: dict) -> None:
-        if (state.get("seed"), state.get("split")) != (self.seed, self.split):
-            raise ValueError(f"This iterator state is for seed {state.get('seed')} split "
-                             f"{state.get('split')!r}, not seed {self.seed} split {self.split!r}; "
-                             "build the iterator with the settings it was saved with.")
+        """Resume; refused when the batch size, image size, hosts, seed or split differ."""
+        ours = self._settings()
+        # States saved before a setting was recorded do not name it; those still resume.
+        differ = [k for k in ours if k in state and state[k] != ours[k]]
+        if differ:
+            k = differ[0]
+            name = "global_batch" if k == "batch_size" else k
+            raise ValueError(f"The saved data state was written with {name}={state[k]!r}, this "
+                             f"run has {name}={ours[k]!r}: resume with the same data settings "
+                             f"(they differ in {', '.join(differ)}), or start a new workdir.")
         self._next = int(state["next_index"])
 
 
-def held_out(num_examples: int = 1024, *, image_size: int = 32, seed: int = 0,
-             captions_per_image: int = 1) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """The held-out split as arrays: (images f32 [N,S,S,3], labels [N], captions per image)."""
-    index_B = np.arange(num_examples)
-    ex = render(seed, "held_out", index_B, image_size)
-    caps = [captions(seed, "held_out", ex, index_B, variant=v) for v in range(captions_per_image)]
-    return normalize(ex.image_BHWC), ex.label_B.astype(np.int32), [list(c) for c in zip(*caps)]
+def write_images(folder, count: int, *, image_size: int = 64, seed: int = 0,
+                 split: str = "held_out") -> list[str]:
+    """The first `count` images of a split as PNG files named by index and class (for
+    trying `clipjax embed` and `search`); returns their paths."""
+    import os
+
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    index_B = np.arange(count)
+    ex = render(seed, split, index_B, image_size)
+    paths = []
+    for i, (image, label) in enumerate(zip(ex.image_BHWC, ex.label_B)):
+        path = os.path.join(folder, f"{i:05d}_{CLASSNAMES[label].replace(' ', '_')}.png")
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths

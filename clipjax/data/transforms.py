@@ -1,4 +1,5 @@
-"""CLIP evaluation preprocessing in PIL and NumPy, matching OpenCLIP's `image_transform`."""
+"""CLIP preprocessing in PIL and NumPy: OpenCLIP's evaluation transform, bit for bit, and the
+training crop."""
 
 import os
 from typing import Sequence
@@ -78,16 +79,20 @@ def normalize(x_HWC: np.ndarray) -> np.ndarray:
     return (x_HWC.astype(np.float32) - _MEAN_C) / _STD_C
 
 
+def eval_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: CLIP's evaluation resize and centre crop, before normalisation."""
+    # Resize and crop in the input's own mode and convert to RGB last, the order of the
+    # reference: it matters for palette images (nearest resize) and alpha (premultiplied).
+    return rgb_array(center_crop(resize_shortest_side(image, size), size))
+
+
 def eval_transform(image_or_path: ImageOrPath, size: int) -> np.ndarray:
     """Preprocess one image for CLIP evaluation into a [size, size, 3] float32 array."""
     if isinstance(image_or_path, Image.Image):
         image = image_or_path
     else:
         image = load_image(image_or_path)
-    # Resize and crop in the input's own mode and convert to RGB last, the order of the
-    # reference: it matters for palette images (nearest resize) and alpha (premultiplied).
-    image = center_crop(resize_shortest_side(image, size), size).convert("RGB")
-    return normalize(np.asarray(image))
+    return normalize_uint8(eval_pixels(image, size))
 
 
 def preprocess(images_or_paths: Sequence[ImageOrPath], size: int) -> np.ndarray:
@@ -155,10 +160,3 @@ def normalize_uint8(x_HWC: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 def rgb_array(image: Image.Image) -> np.ndarray:
     """uint8 [H, W, 3] pixels of `image`, converted to RGB when it is in another mode."""
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-
-
-def train_transform(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    """CLIP's training augmentation of one image into a [size, size, 3] float32 array."""
-    box = random_resized_crop_box(*image.size, rng)
-    # Crop and resize in the input's own mode, then convert, as the eval transform does.
-    return normalize_uint8(rgb_array(resized_crop(image, box, size)))

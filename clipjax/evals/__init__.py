@@ -16,6 +16,8 @@ pass over host-local {"image", "label" / "index"} batches, and returns metrics n
 
     evaluators = clipjax.evals.synthetic_evaluators()      # the built-in data's two
     metrics = clipjax.evals.run_all(evaluators, make_encoders(model, mesh), params)
+
+A training config names its evaluators in one string, `config_evaluators(config.eval.zeroshot)`.
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -25,8 +27,8 @@ from clipjax.evals.encoders import Encoders, embed_images, embed_texts, make_enc
 
 Evaluator = Callable[[Encoders, Any], dict[str, float]]
 
-__all__ = ["Encoders", "Evaluator", "embed_images", "embed_texts", "make_encoders", "run_all",
-           "synthetic_evaluators"]
+__all__ = ["Encoders", "Evaluator", "config_evaluators", "embed_images", "embed_texts",
+           "make_encoders", "run_all", "synthetic_evaluators"]
 
 
 def run_all(evaluators: Iterable[Evaluator] | Mapping[str, Evaluator], encoders: Encoders,
@@ -52,3 +54,29 @@ def synthetic_evaluators(num_examples: int = 1024, seed: int = 0, captions_per_i
     batches = data.batch_fn(source, batch_size)
     return {"zeroshot": zeroshot.evaluator(batches, synthetic.CLASSNAMES, synthetic.TEMPLATES),
             "retrieval": retrieval.evaluator(batches, source.captions())}
+
+
+def config_evaluators(spec: str, *, num_examples: int = 1024, seed: int = 0,
+                      batch_size: int = 256) -> dict[str, Evaluator]:
+    """The evaluators a training config's `eval.zeroshot` string names.
+
+    "synthetic" (or "synthetic:N"): `synthetic_evaluators` on `num_examples` (N) held-out
+    images; "": none; anything else is a labelled dataset as `clipjax eval zeroshot
+    --dataset` takes it (a source spec such as
+    "tfds:imagenet2012?data_dir=/data/tfds&split=validation", "imagefolder:/data/val", or a
+    class-folder path): {"zeroshot": ...} with the dataset's class names and default
+    templates, over all its images. The data is opened and checked here, so a bad spec
+    raises ValueError or FileNotFoundError before training starts.
+    """
+    from clipjax.evals import data, zeroshot
+
+    spec = spec.strip()
+    if not spec:
+        return {}
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        images = data.labelled(spec)
+        return synthetic_evaluators(images.num_examples if ":" in spec else num_examples,
+                                    seed=seed, batch_size=batch_size)
+    images = data.labelled(spec)
+    return {"zeroshot": zeroshot.evaluator(data.batch_fn(images, batch_size), images.classnames,
+                                           zeroshot.default_templates(images))}

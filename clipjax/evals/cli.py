@@ -12,7 +12,7 @@ def _model(args):
 
     from clipjax import sharding
     from clipjax.evals.encoders import make_encoders
-    from clipjax.evals.loading import fingerprint, load_model
+    from clipjax.weights import fingerprint, load_model
 
     model, params, arch = load_model(args.checkpoint, args.arch)
     fp = fingerprint(params)
@@ -27,7 +27,7 @@ def _progress(total: int, desc: str):
 
 
 def _write_json(path: str, payload: dict) -> None:
-    from clipjax.convert import _atomic_write
+    from clipjax.files import atomic_write as _atomic_write
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
@@ -62,8 +62,10 @@ def _zeroshot(args) -> None:
         return
     acc = result.per_class_accuracy()
     worst = [i for i in acc.argsort(kind="stable") if not np.isnan(acc[i])][:5]
+    skipped = f" ({len(source.skipped)} unreadable, skipped and logged)" if source.skipped else ""
     print(_table([("dataset", source.description), ("model", f"{arch} (weights {fp})"),
-                  ("images", str(len(result.labels))), ("classes", str(result.num_classes)),
+                  ("images", f"{len(result.labels)}{skipped}"),
+                  ("classes", str(result.num_classes)),
                   ("templates", str(len(templates))),
                   *[(f"top-{k}", f"{100 * v:.2f}%") for k, v in result.topk.items()],
                   ("worst classes", ", ".join(f"{result.classnames[i]} {100 * acc[i]:.0f}%"
@@ -91,13 +93,14 @@ def _retrieval(args) -> None:
         if not isinstance(source, data.SyntheticImages):
             raise ValueError(f"--dataset {args.dataset!r}: retrieval datasets are synthetic[:N] "
                              "or a caption file given with --captions.")
+        captions = source.captions()
     else:
-        source = data.CaptionedImages(args.captions, args.images_root, args.split)
+        source, captions = data.captioned(args.captions, args.images_root, args.split)
     _, params, arch, fp, encoders = _model(args)
     bar = _progress(len(source), "retrieval")
     result = retrieval.evaluate(encoders, params,
                                 data.batch_fn(source, encoders.batch_size)(encoders),
-                                source.captions(), chunk=args.chunk, progress=bar.update)
+                                captions, chunk=args.chunk, progress=bar.update)
     bar.close()
     if not _is_main():
         return
@@ -119,10 +122,11 @@ def _retrieval(args) -> None:
 def _linear_probe(args) -> None:
     from clipjax.evals import data, linear_probe
 
-    sources = {"train": data.labelled(args.train, args.data_dir),
-               "test": data.labelled(args.test, args.data_dir)}
+    # A tfds: dataset named without split= reads the split of its role.
+    sources = {"train": data.labelled(args.train, args.data_dir, ("train",)),
+               "test": data.labelled(args.test, args.data_dir, ("test",))}
     if args.val:
-        sources["val"] = data.labelled(args.val, args.data_dir)
+        sources["val"] = data.labelled(args.val, args.data_dir, ("validation",))
     sizes = {k: s.num_labels for k, s in sources.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"The splits disagree on the label space ({sizes}); give splits of "
@@ -154,17 +158,18 @@ def _linear_probe(args) -> None:
 def _embed(args) -> None:
     from tqdm import tqdm
 
-    from clipjax.evals import data, search
+    from clipjax.data import sources
+    from clipjax.evals import search
 
     root = Path(args.folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the folder of images to embed.")
-    total = len(data.list_images(root))
+    total = len(sources.list_images(str(root)))
     _, params, arch, fp, encoders = _model(args)
     bar = _progress(total, "embed")
 
-    def skipped(path: str, error: Exception) -> None:
-        tqdm.write(f"skipped unreadable file {path}: {error}", file=sys.stderr)
+    def skipped(path: str, reason: str, detail: str) -> None:
+        tqdm.write(f"skipped unreadable file {path}: {reason} ({detail})", file=sys.stderr)
         bar.update(1)
 
     index = search.build_index(encoders, params, root, arch=arch, fingerprint=fp,
@@ -225,9 +230,11 @@ def register(sub) -> None:
                          description="Zero-shot classification as OpenCLIP evaluates it: "
                          "class embeddings from prompt-template ensembles, top-1 and top-5.")
     _common(z)
-    z.add_argument("--dataset", required=True, help="tfds:NAME[:SPLIT] (e.g. tfds:imagenet2012), "
-                   "a folder with one subfolder per class, or synthetic[:N]")
-    z.add_argument("--data-dir", help="tfds data directory")
+    z.add_argument("--dataset", required=True, help="a labelled source spec (tfds:imagenet2012, "
+                   "tfds:cifar10?split=test, imagefolder:DIR, arrayrecord:DIR), a folder with one "
+                   "subfolder per class, or synthetic[:N]; tfds reads split validation, else "
+                   "test, unless the spec names one")
+    z.add_argument("--data-dir", help="tfds data directory (added to a tfds: spec as data_dir=)")
     z.add_argument("--classes", help="class names: a shipped dataset (imagenet1k, cifar10, ...) "
                    "or a file with one name per line in label order")
     z.add_argument("--templates", help="openai (80), short (7), a shipped dataset, a file, or "
@@ -256,10 +263,12 @@ def register(sub) -> None:
                           "L2 strength by binary search on a validation split, refit, test.")
     _common(lp)
     for split in ("train", "test"):
-        lp.add_argument(f"--{split}", required=True, help="tfds:NAME:SPLIT, a class folder, or "
-                        "synthetic-train[:N] / synthetic[:N]")
-    lp.add_argument("--val", help="validation split (default: 20%% of --train held out)")
-    lp.add_argument("--data-dir", help="tfds data directory")
+        lp.add_argument(f"--{split}", required=True, help="a labelled source spec (tfds:cifar10, "
+                        f"whose split defaults to {split}; imagefolder:DIR; arrayrecord:DIR), a "
+                        "class folder, or synthetic-train[:N] / synthetic[:N]")
+    lp.add_argument("--val", help="validation data, as --train (default: 20%% of --train held "
+                    "out; a tfds split defaults to validation)")
+    lp.add_argument("--data-dir", help="tfds data directory (added to tfds: specs as data_dir=)")
     lp.add_argument("--max-iter", type=int, default=1000,
                     help="L-BFGS iterations per fit at most (default 1000, scikit-learn's "
                     "setting in OpenAI's linear-probe example)")

@@ -1,7 +1,9 @@
-"""PNG figures of evaluation results: per-class accuracy, confusion matrix, recall@K curves."""
+"""PNG figures: per-class accuracy, confusion matrix, recall@K curves, a run's loss curve."""
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -72,3 +74,23 @@ def recall_curve(path: str | os.PathLike, curve: dict[str, list[float]],
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def loss_curve(jsonl: str | os.PathLike, png: str | os.PathLike) -> None:
+    """A training run's loss (and zero-shot top-1, when it was evaluated) from metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    evals = [r for r in rows if "zeroshot/top1" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["zeroshot/top1"] for r in evals], "o-",
+                 color="tab:orange", label="zero-shot top-1")
+        ax2.set_ylabel("zero-shot top-1")
+        ax2.set_ylim(0, 1)
+    ax.set_title(Path(jsonl).parent.name)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)

@@ -56,11 +56,6 @@ def templates(name: str) -> list[str]:
     return list(_entry(name)["templates"])
 
 
-def imagenet_classnames() -> list[str]:
-    """OpenAI's 1000 cleaned ImageNet class names, in the standard (sorted WordNet id) order."""
-    return classnames("imagenet1k")
-
-
 def openai_imagenet_templates() -> list[str]:
     """OpenAI's 80 ImageNet prompt templates."""
     return templates("imagenet1k")

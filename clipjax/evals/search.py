@@ -14,13 +14,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from clipjax.convert import _atomic_write
-from clipjax.data.transforms import eval_transform, load_image
+from clipjax.data import sources
+from clipjax.data.transforms import load_image
 from clipjax.evals import data
 from clipjax.evals.encoders import Encoders, Params, embed_images, embed_texts
+from clipjax.files import atomic_write as _atomic_write
 
 INDEX_FORMAT = "clipjax-image-index/1"
 
@@ -41,34 +41,27 @@ class Index:
 
 def build_index(encoders: Encoders, params: Params, root: str | os.PathLike, *, arch: str,
                 fingerprint: str, checkpoint: str, batch_size: int = 256,
-                on_skip: Callable[[str, Exception], None] | None = None,
+                on_skip: Callable[[str, str, str], None] | None = None,
                 progress: Callable[[int], None] | None = None) -> Index:
-    """Embeds every image file under `root`; unreadable files are skipped and listed."""
+    """Embeds every image file under `root` (sources.list_images); files that cannot be
+    decoded are skipped, reported to `on_skip(path, reason, detail)` and listed."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the folder of images to embed.")
-    files = data.list_images(root)
+    files = sources.list_images(str(root))
     if not files:
-        raise ValueError(f"{root} holds no image files ({', '.join(data.IMAGE_SUFFIXES)}); "
+        raise ValueError(f"{root} holds no image files ({', '.join(sources.IMAGE_EXTENSIONS)}); "
                          "point clipjax embed at a folder that contains images.")
-    skipped: list[str] = []
-
-    def skip(row: int, error: Exception) -> None:
-        skipped.append(str(files[row]))
-        if on_skip is not None:
-            on_skip(str(files[row]), error)
-
-    def load(row: int) -> dict:
-        return {"image": eval_transform(load_image(files[row]), encoders.image_size)}
-
-    rows = range(jax.process_index(), len(files), jax.process_count())
-    batches = data.preprocessed_batches(load, rows, batch_size, on_skip=skip)
-    out = embed_images(encoders, params, batches, progress=progress)
+    images = data.SourceImages(sources.ImageFiles(files, str(root)), on_skip=on_skip)
+    out = embed_images(encoders, params, data.batch_fn(images, batch_size)(encoders),
+                       progress=progress)
+    skipped = [key for key, _, _ in images.skipped]
     if "index" not in out:
         raise ValueError(f"None of the {len(files)} image files under {root} could be read; "
                          "check that they are images (the skipped files are listed above).")
     order = np.argsort(out["index"])
-    return Index(out["embedding"][order], [str(files[i].resolve()) for i in out["index"][order]],
+    return Index(out["embedding"][order],
+                 [str(Path(files[i]).resolve()) for i in out["index"][order]],
                  arch, fingerprint, checkpoint, skipped)
 
 

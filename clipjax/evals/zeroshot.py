@@ -29,7 +29,8 @@ def ensemble(txt_TE: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     """Per class (consecutive rows, `counts` of them): mean of unit-norm rows, renormalised."""
     txt_TE = txt_TE / np.linalg.norm(txt_TE, axis=-1, keepdims=True)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    mean_CE = np.add.reduceat(txt_TE, starts, axis=0) / np.asarray(counts)[:, None]
+    # Counts in the embeddings' dtype: an integer array would promote float32 to float64.
+    mean_CE = np.add.reduceat(txt_TE, starts, axis=0) / np.asarray(counts, txt_TE.dtype)[:, None]
     return mean_CE / np.linalg.norm(mean_CE, axis=-1, keepdims=True)
 
 
@@ -111,8 +112,9 @@ def evaluate(encoders: Encoders, params: Params, batches: Iterable[Mapping[str, 
 
 
 def default_templates(source, classes: str | None = None) -> list[str]:
-    """The templates a labelled source (clipjax.evals.data) calls for: the synthetic data's
-    own, a shipped dataset's (named by `classes` or implied by the source), else OpenAI's 80."""
+    """The templates a labelled dataset (clipjax.evals.data.labelled) calls for: the synthetic
+    data's own, a shipped dataset's (named by `classes` or implied by the dataset), else
+    OpenAI's 80."""
     from clipjax.data import synthetic
     from clipjax.evals import data, prompts
 

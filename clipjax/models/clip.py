@@ -1,7 +1,5 @@
 """The two-tower CLIP model: encode_image, encode_text, logit_scale (and optional bias)."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ from clipjax.models import layers
 from clipjax.models.layers import Dtype
 from clipjax.models.resnet import ModifiedResNet
 from clipjax.models.text import TextTransformer
-from clipjax.models.variants import ClipConfig, get_config
+from clipjax.models.variants import ClipConfig, get_config, with_overrides
 from clipjax.models.vit import VisionTransformer
 
 
@@ -69,21 +67,21 @@ class CLIP(nn.Module):
                 self.encode_text(tokens_BL, normalize=True), self.logit_scale, bias)
 
 
-def create_model(name: str, dtype: Dtype = jnp.float32, scan: bool = False, remat: str = "none",
-                 **overrides) -> CLIP:
-    """A CLIP module by architecture name ("ViT-B-32", "RN50-quickgelu", "ViT-tiny", ...).
+def create_model(name: "str | ClipConfig", dtype: Dtype = jnp.float32, scan: bool = False,
+                 remat: str = "none", **overrides) -> CLIP:
+    """A CLIP module by architecture name ("ViT-B-32", "RN50-quickgelu", "ViT-tiny", ...) or
+    from a ClipConfig.
 
     `dtype` is the compute dtype of matmuls and convolutions (parameters stay float32;
-    softmax and layer norms run in float32); `overrides` replace ClipConfig fields.
+    softmax and layer norms run in float32); `overrides` replace ClipConfig fields, nested
+    ones as dicts or dotted: `embed_dim=64`, `vision={"width": 128}`.
     """
     if remat not in layers.REMAT_POLICIES:
         raise ValueError(f"Unknown remat policy {remat!r}; choose one of "
                          f"{', '.join(layers.REMAT_POLICIES)}.")
-    fields = [f.name for f in dataclasses.fields(ClipConfig)]
-    if unknown := sorted(set(overrides) - set(fields)):
-        raise ValueError(f"Unknown model option(s) {', '.join(unknown)}; ClipConfig fields are "
-                         f"{', '.join(fields)}.")
-    config = dataclasses.replace(get_config(name), **overrides)
+    config = name if isinstance(name, ClipConfig) else get_config(name)
+    if overrides:
+        config = with_overrides(config, overrides)
     return CLIP(config, dtype=jnp.dtype(dtype), scan=scan, remat=remat)
 
 

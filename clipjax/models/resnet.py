@@ -38,7 +38,8 @@ class BatchNorm(nn.Module):
     Keeping `mean`/`var` in the one parameter tree makes `apply({"params": p})` work for
     every tower and conversion a rename. They are read through stop_gradient; in training
     mode the batch statistics are used and sown into the `batch_stats` collection (when
-    it is mutable) for the train step to fold into the running averages.
+    it is mutable) for the train step to fold into the running averages (the variance
+    unbiased, as in torch).
     """
 
     train: bool = False
@@ -56,8 +57,10 @@ class BatchNorm(nn.Module):
             mean = x32.mean((0, 1, 2))
             var = jnp.square(x32 - mean).mean((0, 1, 2))
             if self.is_mutable_collection("batch_stats"):
+                # The running variance takes the unbiased estimate, as torch's BatchNorm does.
+                n = x32.size // c
                 self.sow("batch_stats", "mean", mean)
-                self.sow("batch_stats", "var", var)
+                self.sow("batch_stats", "var", var * (n / max(n - 1, 1)))
         else:
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias

@@ -84,3 +84,68 @@ def get_config(name: str) -> ClipConfig:
     if name.endswith(QUICKGELU_SUFFIX):
         config = dataclasses.replace(config, activation="quick_gelu")
     return config
+
+
+_SUB = {"vision": VisionConfig, "text": TextConfig}
+
+
+def field_names() -> list[str]:
+    """Every settable field, nested ones dotted: embed_dim, vision.width, text.layers, ..."""
+    out = []
+    for f in dataclasses.fields(ClipConfig):
+        if f.name in _SUB:
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(_SUB[f.name])]
+        else:
+            out.append(f.name)
+    return out
+
+
+def with_overrides(config: ClipConfig, overrides) -> ClipConfig:
+    """`config` with fields replaced, given nested ({"vision": {"width": 128}}) or dotted
+    ({"vision.width": 128}); an unknown field is one error listing the valid ones."""
+    flat = _flat({k: dict(v) if hasattr(v, "items") else v for k, v in dict(overrides).items()})
+    valid = field_names()
+    if unknown := sorted(set(flat) - set(valid)):
+        raise ValueError(f"Unknown model option {unknown[0]!r}; the architecture's fields are "
+                         f"{', '.join(valid)}.")
+    changes: dict = {}
+    for key, value in flat.items():
+        value = tuple(value) if isinstance(value, list) else value
+        head, _, field = key.partition(".")
+        if field:
+            changes[head] = dataclasses.replace(changes.get(head, getattr(config, head)),
+                                                **{field: value})
+        else:
+            changes[head] = value
+    return dataclasses.replace(config, **changes)
+
+
+def to_dict(config: ClipConfig) -> dict:
+    """A JSON-ready dict of every field (what parameter files record)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(d: dict) -> ClipConfig:
+    """The inverse of to_dict."""
+    vision = dict(d["vision"])
+    if isinstance(vision["layers"], list):
+        vision["layers"] = tuple(vision["layers"])
+    return ClipConfig(**{**d, "vision": VisionConfig(**vision), "text": TextConfig(**d["text"])})
+
+
+def describe(name: str, config: ClipConfig) -> str:
+    """`name`, with the fields where `config` differs from the named architecture."""
+    base = to_dict(get_config(name)) if name.removesuffix(QUICKGELU_SUFFIX) in VARIANTS else {}
+    ours = to_dict(config)
+    diff = [f"{k}={v}" for k, v in _flat(ours).items() if _flat(base).get(k, object()) != v]
+    return f"{name} ({', '.join(diff)})" if base and diff else name
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
