@@ -1,11 +1,13 @@
 """Every loss against a float64 NumPy reference, in value and gradient, on 1-8 devices."""
 
+import collections
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import losses, sharding
@@ -162,6 +164,39 @@ def test_ring_metrics_break_ties_like_argmax():
     ref = _metrics(img.astype(np.float64) @ img.T.astype(np.float64), np.eye(N))
     assert float(metrics["i2t_accuracy"]) == pytest.approx(ref["i2t_accuracy"]) == 3 / N
     assert float(metrics["t2i_accuracy"]) == pytest.approx(ref["t2i_accuracy"])
+
+
+def _hops(jaxpr, runs=1, looped=False):
+    """(operand shape, inside a scan?) -> how often a ppermute sends it, scans unrolled."""
+    hops = collections.Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ppermute":
+            hops.update({(tuple(v.aval.shape), looped): runs for v in eqn.invars})
+        is_scan = eqn.primitive.name == "scan"
+        for sub in jaxprs_in_params(eqn.params):
+            hops += _hops(sub, runs * eqn.params["length"] if is_scan else runs,
+                          looped or is_scan)
+    return hops
+
+
+@pytest.mark.parametrize("mesh_name", ["1", "2", "8"])
+@pytest.mark.parametrize("kind", ["tiled", "sigmoid_ring"])
+def test_ring_sends_no_text_block_home(kind, mesh_name):
+    """Text blocks make n - 1 hops per ring; the last hop carries only accumulators.
+
+    With n devices and b rows each, the b x E arrays sent in the loss and its gradient
+    are the text block, n - 1 times in each ring, and the backward ring's text gradients,
+    n times; outside the rings' loops, only those gradients go home.
+    """
+    fn, mesh = _grad_fn(kind, mesh_name, 4)
+    n = mesh.size
+    img, txt = _inputs()
+    ids = np.arange(N, dtype=np.int32)
+    jaxpr = jax.make_jaxpr(fn)(img, txt, np.float32(0.0), np.float32(0.0), ids, ids)
+    hops = _hops(jaxpr.jaxpr)
+    block = (N // n, E)
+    assert hops[(block, True)] + hops[(block, False)] == (3 * n - 2 if n > 1 else 0)
+    assert hops[(block, False)] == (1 if n > 1 else 0)  # the text gradients going home
 
 
 def test_batch_that_does_not_divide_the_mesh_is_an_error():

@@ -13,6 +13,7 @@ from clipjax import config as config_lib, evals, train, weights
 
 RECIPES = ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14", "clip_rn50", "siglip_vit_b16",
            "lit_vit_b16"]
+EVALUATED = ("clip_vit_b32", "clip_rn50")  # the others skip the (shared) evaluation code
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def runs(tmp_path_factory):
         mp.setattr(evals, "make_encoders", lambda model, *a, **k: made.append(
             make_encoders(model, *a, **k)) or made[-1])
         for name in RECIPES:
-            overrides = ["total_steps=2"]
+            overrides = ["total_steps=2"] + ([] if name in EVALUATED else ["eval.zeroshot="])
             if name == "lit_vit_b16":  # a CLIP run of the same (shrunk) architecture
                 overrides.append(f"init_checkpoint={out['clip_vit_b16'][1]}")
             config = config_lib.load_config(f"{name}:runlocal", overrides)
@@ -44,7 +45,8 @@ def test_runlocal_is_the_recipe_path_at_cpu_size(runs, name):
         assert config[key] == full[key], key
     assert config.optimizer.freeze == full.optimizer.freeze
     assert dict(config.mesh) == dict(full.mesh)  # FSDP over every device
-    assert np.isfinite(metrics["loss"]) and "zeroshot/top1" in metrics
+    assert np.isfinite(metrics["loss"])
+    assert ("zeroshot/top1" in metrics) == (name in EVALUATED)
     assert weights.saved_steps(workdir) == [2]
 
 

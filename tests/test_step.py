@@ -144,14 +144,15 @@ def test_batchnorm_under_gradient_caching_uses_micro_batch_statistics(resnet):
 
     (loss, stats), grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-    folded = train.fold_batch_stats(jax.tree.map(np.asarray, params), stats)
+    folded = convert._flatten(train.fold_batch_stats(jax.tree.map(np.asarray, params), stats))
+    new, grads = convert._flatten(new), convert._flatten(grads)
+    # Relative to the largest gradient of all: some leaves' exact gradient is zero (a bias
+    # added to every key of the attention pool cancels in its softmax), leaving only noise.
+    scale = max(np.abs(g).max() for p, g in grads.items() if not p.endswith(("/mean", "/var")))
     for path, x in convert._flatten(params).items():
         if path.endswith(("/mean", "/var")):
-            np.testing.assert_allclose(convert._flatten(new)[path],
-                                       convert._flatten(folded)[path], rtol=1e-4, atol=1e-6,
+            np.testing.assert_allclose(new[path], folded[path], rtol=1e-4, atol=1e-6,
                                        err_msg=path)
-            continue
-        want = np.asarray(convert._flatten(grads)[path])
-        got = np.asarray(x) - convert._flatten(new)[path]
-        scale = np.abs(want).max() or 1.0
-        np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=path)
+        else:
+            np.testing.assert_allclose((np.asarray(x) - new[path]) / scale,
+                                       np.asarray(grads[path]) / scale, atol=1e-5, err_msg=path)

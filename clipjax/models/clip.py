@@ -1,5 +1,7 @@
 """The two-tower CLIP model: encode_image, encode_text, logit_scale (and optional bias)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +100,14 @@ def init_params(model: CLIP, rng: jax.Array):
 
 def _boxed_shapes(model: CLIP):
     """Parameter shapes with their logical-axis boxes, from jax.eval_shape (no allocation)."""
+    # Only the architecture and the layer layout decide them; dtype, remat and BatchNorm's
+    # mode do not. Tracing a model's init takes a fraction of a second and a run asks often.
+    return _shapes(model.config, model.scan)
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes(config: ClipConfig, scan: bool):
+    model = CLIP(config, scan=scan)
     return jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
 
 
