@@ -16,8 +16,9 @@ Cores to feed one accelerator = its training rate / images per CPU-second. The d
 rate, about 2,760 images/s, is ViT-B/32 on one A100 at 40% of its 312 bf16 TFLOP/s: forward
 8.95 + 6.10 GFLOPs per pair (every token of every block), times 3 for forward and backward.
 
-OpenCLIP's side is `open_clip_train.data.get_wds_dataset` (PyTorch DataLoader, CPU build)
-and needs `pip install webdataset pandas`; torchvision's compiled operators need not load.
+OpenCLIP's side is `open_clip_train.data.get_wds_dataset` (PyTorch DataLoader, CPU build),
+which needs the bench extra, `pip install -e ".[bench]"` (webdataset 0.2.x, braceexpand,
+pandas); torchvision's compiled operators need not load.
 """
 
 import argparse
@@ -108,12 +109,29 @@ def clipjax_batches(pattern: str, args):
     return it
 
 
+def _open_clip_train_data():
+    """OpenCLIP's training data module, or one error naming the install that fixes it."""
+    from importlib import metadata
+
+    from reference import open_clip
+    open_clip()  # registers torchvision without its compiled operators first
+    try:
+        import open_clip_train.data as ocd
+    except ImportError as e:
+        raise SystemExit(f"OpenCLIP's WebDataset loader needs {e.name}: "
+                         'pip install -e ".[bench]"') from None
+    if int(metadata.version("webdataset").split(".")[0]) >= 1:  # KeyError 'fname' mid-epoch
+        raise SystemExit(f"open_clip_train.data needs webdataset 0.2.x, not "
+                         f"{metadata.version('webdataset')}: pip install -e \".[bench]\"")
+    return ocd
+
+
 def openclip_batches(pattern: str, args, images: int):
     import argparse as ap
 
     from reference import open_clip
     oc = open_clip()
-    import open_clip_train.data as ocd
+    ocd = _open_clip_train_data()
     preprocess = oc.image_transform(224, is_train=True)
     tokenizer = oc.get_tokenizer("ViT-B-32")
     ns = ap.Namespace(train_data=pattern, val_data=None, train_num_samples=images,
@@ -146,6 +164,7 @@ def main():
                         "at 40%% MFU)")
     parser.add_argument("--dir", help="reuse or keep shards here instead of a temporary folder")
     args = parser.parse_args()
+    _open_clip_train_data()  # a missing or wrong dependency fails now, not after a round
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or tmp

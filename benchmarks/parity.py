@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+# A CPU comparison; with libtpu installed (test extra) JAX would first try, noisily, a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import jax  # noqa: E402

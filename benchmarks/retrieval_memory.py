@@ -9,12 +9,16 @@ the full images x captions score matrix alone would need.
 """
 
 import argparse
+import os
 import resource
 import time
 
-import numpy as np
+# A CPU measurement; with libtpu installed (test extra) JAX would first try, noisily, a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from clipjax.evals import retrieval
+import numpy as np  # noqa: E402
+
+from clipjax.evals import retrieval  # noqa: E402
 
 
 def peak_rss_gb() -> float:

@@ -171,12 +171,6 @@ def load_params(path: str | os.PathLike) -> tuple[str, dict]:
     return meta["arch"], _unflatten(sd)
 
 
-def json_metadata(path: str | os.PathLike, key: str) -> Any:
-    """A JSON value that save_params or save_torch recorded under `key`, or None."""
-    value = safetensors_metadata(path).get(key) if str(path).endswith(".safetensors") else None
-    return None if value is None else json.loads(value)
-
-
 def save_torch(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
                metadata: Mapping[str, Any] | None = None) -> None:
     """A state dict -> .safetensors (no torch needed; with `metadata`) or .pt (torch tensors)."""

@@ -136,6 +136,8 @@ def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
     """
     bn_train = model.config.vision.is_resnet and model.train
     loss_fn = clip_loss(loss, mesh, **(loss_options or {}))
+    if model.scan and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
+        model = model.clone(unroll=True)  # see layers.Transformer: an XLA:CPU deadlock
 
     def encode(params, batch):
         if not bn_train:

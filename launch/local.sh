@@ -46,9 +46,7 @@ mkdir -p "$logs"
 
 # Keep every other XLA flag (the tests' optimisation level, say); replace the device count.
 xla_flags=$(sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g' <<< "${XLA_FLAGS:-}")
-# XLA:CPU's concurrency-optimised scheduler can let simulated devices enter independent
-# collectives in different orders and deadlock (see tests/conftest.py); keep program order.
-export XLA_FLAGS="$xla_flags --xla_force_host_platform_device_count=$devices --xla_cpu_enable_concurrency_optimized_scheduler=false"
+export XLA_FLAGS="$xla_flags --xla_force_host_platform_device_count=$devices"
 export JAX_PLATFORMS=cpu
 export JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
 unset CLIPJAX_COORDINATOR CLIPJAX_NUM_PROCESSES CLIPJAX_PROCESS_ID CLIPJAX_LOCAL_DEVICE_IDS

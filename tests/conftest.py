@@ -7,15 +7,10 @@ import tempfile
 
 # Tiny models compile several times faster at XLA's lowest backend optimisation level,
 # and compilation, not execution, is what the suite spends its time on.
-# XLA:CPU's concurrency-optimised scheduler lets simulated devices enter independent
-# collectives in different orders (one device in the next layer's FSDP all-gather while
-# the others wait in this one's), which deadlocks until XLA aborts the process: about
-# every other run of a scanned bf16 step on a data 2 x fsdp 4 mesh on 2 busy cores.
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""),
     "--xla_force_host_platform_device_count=8",
     "--xla_backend_optimization_level=0",
-    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 ]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

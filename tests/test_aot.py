@@ -51,7 +51,7 @@ def test_compile_reports_per_chip_memory_and_flops():
 def test_a_step_that_cannot_fit_is_reported_not_raised():
     """A batch far past a 16 GiB v5e chip: 'does not fit', with XLA's figure."""
     config = config_lib.load_config("default", TINY)
-    size = train.build_model(config).config.vision.image_size
+    size = train.build_models(config)[1].config.vision.image_size
     rows = (20 * 2**30 // (size * size * 3)) // 64 * 64 * 4  # ~20 GiB of images per chip
     config = config_lib.load_config("default", [f"global_batch={rows}", "eval.zeroshot=''"])
     r = aot.compile_train_step(config, "v5e:2x2")

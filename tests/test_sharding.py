@@ -1,7 +1,6 @@
 """Mesh construction, the rule table, sharded init and batch sharding on 8 simulated devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -96,7 +96,17 @@ def test_labels_match_pixels_and_captions():
     assert len(set(caps)) > n // 3  # varied wording
 
 
+def _all_captions() -> list[str]:
+    """Every caption the generator can write."""
+    s = synthetic
+    return sorted({template.format(s=sw, c=cw, z=zw, p=p, q=q, b="grey")
+                   for template in s._CAPTIONS for shape in s.SHAPES for colour in s.COLOURS
+                   for size in s.SIZES for (p, q) in s._POSITION_WORDS
+                   for sw in s._SHAPE_WORDS[shape] for cw in s._COLOUR_WORDS[colour]
+                   for zw in s._SIZE_WORDS[size]})
+
+
 def test_every_caption_fits_the_tiny_context():
-    caps = synthetic.all_captions()
+    caps = _all_captions()
     ids = tokenize(caps, 32)
     assert (ids != 0).sum(1).max() <= 16  # ViT-tiny's text context, SOT and EOT included

@@ -187,21 +187,6 @@ def normalize(img_BHWC: np.ndarray) -> np.ndarray:
     return (img_BHWC.astype(np.float32) / np.float32(255) - _MEAN_C) / _STD_C
 
 
-def all_captions() -> list[str]:
-    """Every caption the generator can write, for checking that each fits a context."""
-    out = []
-    for template in _CAPTIONS:
-        for shape in SHAPES:
-            for colour in COLOURS:
-                for size in SIZES:
-                    for (p, q) in _POSITION_WORDS:
-                        for sw in _SHAPE_WORDS[shape]:
-                            for cw in _COLOUR_WORDS[colour]:
-                                for zw in _SIZE_WORDS[size]:
-                                    out.append(template.format(s=sw, c=cw, z=zw, p=p, q=q, b="grey"))
-    return sorted(set(out))
-
-
 # --- the iterator -------------------------------------------------------------------------
 
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):

@@ -28,6 +28,7 @@ class CLIP(nn.Module):
     scan: bool = False
     remat: str = "none"
     train: bool = False  # only BatchNorm (ResNet towers) behaves differently
+    unroll: bool = False  # scanned layers traced one after another (layers.Transformer)
 
     def setup(self):
         c, v, t = self.config, self.config.vision, self.config.text
@@ -37,9 +38,10 @@ class CLIP(nn.Module):
         else:
             self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
                                             v.mlp_dim, c.embed_dim, c.activation, self.dtype,
-                                            self.scan, self.remat)
+                                            self.scan, self.remat, self.unroll)
         self.text = TextTransformer(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
-                                    c.embed_dim, c.activation, self.dtype, self.scan, self.remat)
+                                    c.embed_dim, c.activation, self.dtype, self.scan, self.remat,
+                                    self.unroll)
         self.logit_scale = layers.param_with_axes(
             self, "logit_scale", nn.initializers.constant(c.init_logit_scale), (), ())
         if c.init_logit_bias is not None:

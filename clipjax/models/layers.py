@@ -254,6 +254,11 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    # With `scan`, unroll the loop (the parameters stay stacked on the layers axis): the
+    # train step asks for it on multi-device CPU meshes, where XLA:CPU runs the two towers'
+    # loops concurrently and the collectives inside them can meet in different orders on
+    # different devices and deadlock.
+    unroll: bool = False
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, return_all: bool = False,
@@ -265,7 +270,8 @@ class Transformer(nn.Module):
                       causal=self.causal, dtype=self.dtype, emit_features=return_all)
         if self.scan:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=self.layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+                            length=self.layers, unroll=self.layers if self.unroll else 1,
+                            metadata_params={nn.PARTITION_NAME: LAYERS})
             x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, None)
             if pool is not None:  # the scanned stack computes every token of every layer
                 x_BND = pick_token(x_BND, pool)

@@ -21,6 +21,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    unroll: bool = False  # a scan's layers traced one after another (see layers.Transformer)
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, return_features: bool = False):
@@ -40,7 +41,7 @@ class TextTransformer(nn.Module):
         eot_B = jnp.argmax(tokens_BL, axis=-1)
         x_BLD, blocks_LBLD = layers.Transformer(
             self.layers, self.heads, 4 * d, self.activation, causal=True, dtype=self.dtype,
-            scan=self.scan, remat=self.remat, name="transformer")(
+            scan=self.scan, remat=self.remat, unroll=self.unroll, name="transformer")(
                 x_BLD, return_all=return_features, pool=None if return_features else eot_B)
         x_BLD = layers.LayerNorm(name="ln_final")(x_BLD)
         pooled_BD = (layers.pick_token(x_BLD, eot_B) if return_features else x_BLD)[:, 0]

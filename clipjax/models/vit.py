@@ -22,6 +22,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    unroll: bool = False  # a scan's layers traced one after another (see layers.Transformer)
 
     @nn.compact
     def __call__(self, img_BHWC: jax.Array, return_features: bool = False):
@@ -50,7 +51,7 @@ class VisionTransformer(nn.Module):
         # Only the class token is projected; the features ask for every token.
         x_BND, blocks_LBND = layers.Transformer(
             self.layers, self.heads, self.mlp_dim, self.activation, causal=False, dtype=self.dtype,
-            scan=self.scan, remat=self.remat, name="transformer")(
+            scan=self.scan, remat=self.remat, unroll=self.unroll, name="transformer")(
                 x_BND, return_all=return_features, pool=None if return_features else 0)
         x_BND = layers.LayerNorm(name="ln_post")(x_BND)
         proj_DE = layers.param_with_axes(self, "proj", normal, (d, self.embed_dim), (EMBED, JOINT))
