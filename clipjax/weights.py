@@ -309,7 +309,10 @@ def write(weights: Weights, out: str | os.PathLike, to: str = "clipjax") -> list
             raise ValueError(f"{out}: an OpenCLIP checkpoint is a .safetensors or .pt file.")
         files.save_torch(out, convert.to_torch(weights.params, base), meta)
         return [out]
-    state_dict = convert.to_torch(weights.params, base, layout="hf")  # refuses ResNets
+    if base.vision.is_resnet:
+        raise ValueError(f"{weights.description} has a ResNet image tower, which Hugging Face's "
+                         "CLIPModel does not have; write it --to openclip or --to clipjax.")
+    state_dict = convert.to_torch(weights.params, base, layout="hf")
     if out.suffix == ".safetensors":  # the state dict alone
         files.save_torch(out, state_dict, meta)
         return [out]

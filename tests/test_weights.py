@@ -229,3 +229,12 @@ def test_init_checkpoint_of_another_model_names_what_is_missing(run):
     with pytest.raises(ValueError, match=r"lacks \d+ parameter\(s\) of this model or has them "
                                          r"in other shapes: .*visual/proj \(64, 32\)"):
         _init_into(["scan=True"], run[0])  # embed_dim 32 here, 48 there
+
+
+def test_a_resnet_run_cannot_go_to_hugging_face(tmp_path):
+    from clipjax.models import variants
+    w = weights.Weights({}, "RN-tiny", variants.get_config("RN-tiny"), "a run")
+    with pytest.raises(ValueError, match="ResNet image tower, which Hugging Face's CLIPModel "
+                                         "does not have; write it --to openclip"):
+        weights.write(w, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()

@@ -62,7 +62,8 @@ def _synthetic(args) -> None:
 
 def register(sub) -> None:
     """Adds the data subcommands to the `clipjax` argument parser."""
-    data = sub.add_parser("data", help="data sources: convert to ArrayRecord, inspect, benchmark",
+    data = sub.add_parser("data", help="data sources: convert to ArrayRecord, inspect, benchmark; "
+                          "write the built-in shapes",
                           description="Data sources are spec strings such as "
                           "'wds:/data/{00000..00999}.tar', 'csv:/data/train.csv?img_key=filepath"
                           "&caption_key=title', 'folder:/data/photos', 'imagefolder:/data/val', "

@@ -213,8 +213,9 @@ def _search(args) -> None:
 
 def _common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     p.add_argument("--checkpoint", required=checkpoint_required, metavar="CKPT",
-                   help="clipjax .safetensors parameters, or a PyTorch OpenAI / OpenCLIP / "
-                   "Hugging Face checkpoint (file or folder)")
+                   help="a training workdir (its latest step) or one step folder of it, a "
+                   "clipjax .safetensors, or a PyTorch OpenAI / OpenCLIP / Hugging Face "
+                   "checkpoint (file or folder)")
     p.add_argument("--arch", metavar="ARCH", help="architecture (inferred when omitted)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="images or texts per encoder call over all devices (default 256, "
