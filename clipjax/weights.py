@@ -206,7 +206,7 @@ def load(path: str | os.PathLike, arch: str | None = None, step: int | None = No
     if not str(path):
         raise ValueError("No checkpoint given: name a training workdir, a clipjax .safetensors "
                          "file or a PyTorch CLIP checkpoint.")
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # orbax reads absolute paths only
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint {path} does not exist; give a training workdir, a "
                                 "clipjax .safetensors file, or a PyTorch CLIP checkpoint (file or "

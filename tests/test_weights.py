@@ -88,11 +88,13 @@ def test_resuming_with_another_global_batch_is_refused(run, tmp_path):
         _train(OVERRIDES + ["global_batch=64", "total_steps=6"], workdir)
 
 
-def test_every_kind_of_checkpoint_gives_the_same_weights(run, tmp_path):
+def test_every_kind_of_checkpoint_gives_the_same_weights(run, tmp_path, monkeypatch):
     workdir = run[0]
     latest = weights.load(workdir)
     assert latest.source == f"{workdir} step 4"
-    assert_same_params(weights.load(workdir / "checkpoints" / "4").params, latest.params)
+    monkeypatch.chdir(workdir.parent)  # relative paths, as users type them
+    assert_same_params(weights.load(workdir.name).params, latest.params)
+    assert_same_params(weights.load(f"{workdir.name}/checkpoints/4").params, latest.params)
     assert_same_params(weights.load(workdir / "model.safetensors").params, latest.params)
     step2 = weights.load(workdir, step=2).params
     assert not np.array_equal(step2["visual"]["proj"], latest.params["visual"]["proj"])
