@@ -68,7 +68,8 @@ class RunLog:
         if main:
             truncate_jsonl(self.path, start)
             self.writer = summary.Writer(workdir / "tensorboard")
-            self.bar = tqdm.tqdm(total=steps, initial=start, dynamic_ncols=True, unit="step")
+            if start < steps:
+                self.bar = tqdm.tqdm(total=steps, initial=start, dynamic_ncols=True, unit="step")
 
     def say(self, line: str) -> None:
         if self.main:
@@ -85,6 +86,8 @@ class RunLog:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.writer.scalars(step, metrics)
+        if self.bar is None:
+            return
         shown = {"loss": f"{metrics['loss']:.4f}",
                  "samples_s": f"{metrics.get('samples_per_second', 0):.0f}"}
         if "mfu" in metrics:
