@@ -240,3 +240,14 @@ def test_a_resnet_run_cannot_go_to_hugging_face(tmp_path):
                                          "does not have; write it --to openclip"):
         weights.write(w, tmp_path / "hf", to="hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_clipjax_eval_reads_the_workdir_training_left(run, tmp_path, monkeypatch, capsys):
+    """What `train` leaves, `eval` reads: the same held-out images give the same top-1."""
+    workdir, metrics, _ = run
+    monkeypatch.chdir(workdir.parent)
+    cli.main(["eval", "zeroshot", "--checkpoint", workdir.name, "--dataset", "synthetic:32",
+              "--out", str(tmp_path / "z.json"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert f"top-1          {100 * metrics['zeroshot/top1']:.2f}%" in out
+    assert "ViT-tiny (embed_dim=48)" in out
