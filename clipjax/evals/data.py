@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from clipjax.data import pipeline, sources, synthetic
+from clipjax.data import file_sources, pipeline, sources, synthetic
 from clipjax.evals import prompts
 
 Batch = dict[str, np.ndarray]
@@ -199,7 +199,7 @@ def captioned(path: str | os.PathLike, images_root: str | os.PathLike | None = N
     if not pairs:
         raise ValueError(f"{path} lists no images{' for split ' + repr(split) if split else ''}; "
                          "check the file and --split.")
-    files = sources.ImageFiles([str(root / p) for p in pairs], str(path))
+    files = file_sources.ImageFiles([str(root / p) for p in pairs], str(path))
     return SourceImages(files, f"{path} ({len(files)} images)", strict=True), list(pairs.values())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipjax.data import sources
+from clipjax.data import file_sources, sources
 from clipjax.data.transforms import load_image
 from clipjax.evals import data
 from clipjax.evals.encoders import Encoders, Params, embed_images, embed_texts
@@ -52,7 +52,7 @@ def build_index(encoders: Encoders, params: Params, root: str | os.PathLike, *, 
     if not files:
         raise ValueError(f"{root} holds no image files ({', '.join(sources.IMAGE_EXTENSIONS)}); "
                          "point clipjax embed at a folder that contains images.")
-    images = data.SourceImages(sources.ImageFiles(files, str(root)), on_skip=on_skip)
+    images = data.SourceImages(file_sources.ImageFiles(files, str(root)), on_skip=on_skip)
     out = embed_images(encoders, params, data.batch_fn(images, batch_size)(encoders),
                        progress=progress)
     skipped = [key for key, _, _ in images.skipped]
