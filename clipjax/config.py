@@ -88,8 +88,8 @@ def _check_model_overrides(config: ml_collections.ConfigDict) -> None:
     """Each override keeps its field's type (a list for a tuple); one error names a bad one."""
     from clipjax.models import variants
 
-    base = variants._flat(variants.to_dict(variants.get_config(config.model)))
-    given = variants._flat(config.model_overrides.to_dict())
+    base = variants.flat_fields(variants.to_dict(variants.get_config(config.model)))
+    given = variants.flat_fields(config.model_overrides.to_dict())
     for key, value in given.items():
         old = base.get(key)
         if old is not None and not _same_kind(old, value):

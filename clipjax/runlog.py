@@ -6,13 +6,12 @@ Only process 0 writes or prints; every other process gets a silent RunLog.
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import tqdm
 
-from clipjax import summary
+from clipjax import files, summary
 from clipjax.evals import plots
 
 METRICS_FILE = "metrics.jsonl"
@@ -156,6 +155,4 @@ def listing(workdir: Path, steps: list[int]) -> list[str]:
 
 def write_config(workdir: Path, config_json: str) -> None:
     """The run's full config, for export and for people (rewritten by each resumed run)."""
-    tmp = workdir / f".config.json.{os.getpid()}"
-    tmp.write_text(config_json)
-    tmp.replace(workdir / "config.json")
+    files.atomic_write(workdir / "config.json", lambda tmp: Path(tmp).write_text(config_json))

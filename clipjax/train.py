@@ -281,15 +281,6 @@ def _check_batch(batch: dict, keys: tuple[str, ...], config) -> None:
                          "imagefolder:DIR?template=a photo of a {}.) or another loss.")
 
 
-def _rate_metrics(config, steps: int, rate: float, flops_per_example: float, peak: float,
-                  step: int) -> dict[str, float]:
-    out = {"step": step, "samples_per_second": rate,
-           "lr": float(optim.lr_schedule(dict(config.optimizer, total_steps=steps))(step - 1))}
-    if flops_per_example and rate:
-        out["mfu"] = flops_per_example * rate / peak
-    return out
-
-
 def _host_params(params) -> dict:
     """The whole parameter tree as NumPy on every process (sharded over several hosts too)."""
     if jax.process_count() == 1:
@@ -345,6 +336,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     encoders = evals.make_encoders(eval_model, mesh) if evaluators else None
     flops_per_example = clip.train_flops(train_model, config.global_batch) / config.global_batch
     peak = peak_flops_per_device(config.dtype) * jax.device_count()
+    schedule = optim.lr_schedule(dict(config.optimizer, total_steps=steps))
 
     log = runlog.RunLog(workdir, start=start, steps=steps, main=main)
     if resumed is not None:
@@ -381,7 +373,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 rate = ((step - step_window) * config.global_batch / (now - t_window)
                         if step > step_window else 0.0)
                 t_window, step_window = now, step
-                metrics.update(_rate_metrics(config, steps, rate, flops_per_example, peak, step))
+                metrics.update(step=step, samples_per_second=rate, lr=float(schedule(step - 1)))
+                if rate:
+                    metrics["mfu"] = flops_per_example * rate / peak
                 if hasattr(data, "stats"):
                     metrics.update({f"data/{k}": v for k, v in data.stats().items()})
                 if eval_now:

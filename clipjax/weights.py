@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from clipjax import convert, files
+from clipjax.checkpoint import RUN_FILE
 from clipjax.models import variants
 from clipjax.models.clip import CLIP, create_model
 
-RUN_FILE = "run.json"  # written by checkpoint.check_workdir
 CONFIG_FILE = "config.json"  # the training config, written when a run starts
 FINAL_FILE = "model.safetensors"  # written when a run finishes
 LAYOUTS = ("clipjax", "openclip", "hf")
@@ -300,19 +300,17 @@ def write(weights: Weights, out: str | os.PathLike, to: str = "clipjax") -> list
         if out.suffix != ".safetensors":
             raise ValueError(f"{out}: clipjax parameter files are .safetensors; name it "
                              f"{out.with_suffix('.safetensors').name}.")
-        files.save_params(out, weights.params, weights.arch, {k: v for k, v in meta.items()
-                                                              if k != "arch"})
+        files.save_params(out, weights.params, weights.arch, meta)
         return [out]
-    base = weights.model_config
     if to == "openclip":
         if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
             raise ValueError(f"{out}: an OpenCLIP checkpoint is a .safetensors or .pt file.")
-        files.save_torch(out, convert.to_torch(weights.params, base), meta)
+        files.save_torch(out, convert.to_torch(weights.params, weights.model_config), meta)
         return [out]
-    if base.vision.is_resnet:
+    if weights.model_config.vision.is_resnet:
         raise ValueError(f"{weights.description} has a ResNet image tower, which Hugging Face's "
                          "CLIPModel does not have; write it --to openclip or --to clipjax.")
-    state_dict = convert.to_torch(weights.params, base, layout="hf")
+    state_dict = convert.to_torch(weights.params, weights.model_config, layout="hf")
     if out.suffix == ".safetensors":  # the state dict alone
         files.save_torch(out, state_dict, meta)
         return [out]

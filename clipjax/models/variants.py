@@ -103,7 +103,7 @@ def field_names() -> list[str]:
 def with_overrides(config: ClipConfig, overrides) -> ClipConfig:
     """`config` with fields replaced, given nested ({"vision": {"width": 128}}) or dotted
     ({"vision.width": 128}); an unknown field is one error listing the valid ones."""
-    flat = _flat({k: dict(v) if hasattr(v, "items") else v for k, v in dict(overrides).items()})
+    flat = flat_fields({k: dict(v) if hasattr(v, "items") else v for k, v in dict(overrides).items()})
     valid = field_names()
     if unknown := sorted(set(flat) - set(valid)):
         raise ValueError(f"Unknown model option {unknown[0]!r}; the architecture's fields are "
@@ -135,17 +135,19 @@ def from_dict(d: dict) -> ClipConfig:
 
 def describe(name: str, config: ClipConfig) -> str:
     """`name`, with the fields where `config` differs from the named architecture."""
-    base = to_dict(get_config(name)) if name.removesuffix(QUICKGELU_SUFFIX) in VARIANTS else {}
-    ours = to_dict(config)
-    diff = [f"{k}={v}" for k, v in _flat(ours).items() if _flat(base).get(k, object()) != v]
+    known = name.removesuffix(QUICKGELU_SUFFIX) in VARIANTS
+    base = flat_fields(to_dict(get_config(name))) if known else {}
+    diff = [f"{k}={v}" for k, v in flat_fields(to_dict(config)).items()
+            if base.get(k, object()) != v]
     return f"{name} ({', '.join(diff)})" if base and diff else name
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_fields(d: dict, prefix: str = "") -> dict:
+    """{"vision": {"width": 64}} -> {"vision.width": 64}: the dotted names overrides use."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_fields(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
