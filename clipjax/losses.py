@@ -13,6 +13,8 @@ whose rows are split over the mesh's batch axes), the logit scale as a multiplie
 - `sigmoid`: SigLIP's pairwise sigmoid loss; `sigmoid_ring` is its ring form, with the
   same recompute-in-backward structure.
 - `multi_positive`: InfoNCE with soft targets spread over every pair that shares a label.
+- `kl_multi_positive`: ActionCLIP's KL form of it, targets softmax(10 x same-label),
+  which leaves a little weight (about e^-10) on every negative.
 """
 
 import functools
@@ -102,6 +104,28 @@ def multi_positive_loss(img_BE, txt_CE, scale, bias=None, *, img_labels_B, txt_l
                            / jnp.maximum(jnp.sum(1 - pos_BC), 1)),
     }
     return loss, jax.lax.stop_gradient(metrics)
+
+
+def kl_multi_positive_loss(img_BE, txt_CE, scale, bias=None, *, img_labels_B,
+                           txt_labels_C=None, mesh: Mesh | None = None, sharpen: float = 10.0):
+    """ActionCLIP's loss (its utils/KLLoss.py on both logit directions, averaged).
+
+    Targets are softmax(sharpen x [label_i == label_j]) per row; each direction is
+    KL(target || softmax(logits)) summed over the row and averaged over rows (torch's
+    KLDivLoss with mean reduction over all B x C entries, times B).
+    """
+    txt_labels_C = img_labels_B if txt_labels_C is None else txt_labels_C
+    logits_BC = _logits(img_BE, txt_CE, scale, None, mesh)
+    pos_BC = (img_labels_B[:, None] == txt_labels_C[None, :]).astype(jnp.float32)
+
+    def kl(axis):
+        logt = jax.nn.log_softmax(sharpen * pos_BC, axis=axis)
+        logq = jax.nn.log_softmax(logits_BC, axis=axis)
+        return jnp.sum(jnp.exp(logt) * (logt - logq)) / logits_BC.shape[1 - axis]
+
+    loss = (kl(1) + kl(0)) / 2
+    return loss, multi_positive_loss(img_BE, txt_CE, scale, img_labels_B=img_labels_B,
+                                     txt_labels_C=txt_labels_C, mesh=mesh)[1]
 
 
 # --- The ring -----------------------------------------------------------------------
@@ -372,6 +396,7 @@ LOSSES: dict[str, Callable] = {
     "sigmoid": sigmoid_loss,
     "sigmoid_ring": sigmoid_ring_loss,
     "multi_positive": multi_positive_loss,
+    "kl_multi_positive": kl_multi_positive_loss,
 }
 
 

@@ -32,6 +32,7 @@ import optax
 DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup_steps": 10_000,
+    "warmup_fraction": 0.0,  # > 0: warmup_steps = this fraction of total_steps (CLIP4Clip's 0.1)
     "total_steps": None,  # required
     "end_lr_ratio": 0.0,  # the cosine ends at lr * end_lr_ratio
     "weight_decay": 0.2,
@@ -158,6 +159,11 @@ def resolve_config(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dic
     if c["total_steps"] is None:
         raise ValueError("The optimizer config needs total_steps (the length of the cosine "
                          "schedule, warmup included).")
+    if c["warmup_fraction"]:
+        if not 0 < c["warmup_fraction"] < 1:
+            raise ValueError(f"warmup_fraction={c['warmup_fraction']} must be in (0, 1); it is "
+                             "the share of total_steps spent warming up.")
+        c["warmup_steps"] = int(round(c["warmup_fraction"] * c["total_steps"]))
     if not 0 <= c["warmup_steps"] < c["total_steps"]:
         raise ValueError(f"warmup_steps={c['warmup_steps']} must be >= 0 and below "
                          f"total_steps={c['total_steps']}; lower warmup_steps.")

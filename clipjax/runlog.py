@@ -39,7 +39,10 @@ def evaluation_table(metrics: dict[str, float]) -> list[str]:
     for name, value in metrics.items():
         if is_evaluation(name):
             task, metric = name.split("/", 1)
-            by_task.setdefault(task, []).append(f"{metric} {100 * value:.2f}%")
+            # Ranks (median and mean rank) are positions; everything else is a fraction.
+            shown = (f"{value:.1f}" if metric.endswith(("MdR", "MnR"))
+                     else f"{100 * value:.2f}%")
+            by_task.setdefault(task, []).append(f"{metric} {shown}")
     width = max((len(t) for t in by_task), default=0)
     return [f"  {task:<{width}}  {'  '.join(items)}" for task, items in by_task.items()]
 

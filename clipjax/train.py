@@ -27,7 +27,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from clipjax import checkpoint, evals, losses, optim, runlog, sharding, weights
+from clipjax import checkpoint, evals, heads, losses, optim, runlog, sharding, weights
 from clipjax.data import synthetic, transforms
 from clipjax.gradcache import (Encode, LossOnEmbeddings, loss_and_grads,  # noqa: F401 (API)
                                loss_and_grads_with_aux)
@@ -71,7 +71,7 @@ def clip_loss(name: str = "softmax", mesh: Mesh | None = None, **options) -> Los
         scale = jnp.exp(params["logit_scale"])
         bias = params.get("logit_bias")
         extra = dict(options)
-        if name == "multi_positive":
+        if name in ("multi_positive", "kl_multi_positive"):
             extra["img_labels_B"] = batch["label"]
         return loss_fn(img_BE, txt_BE, scale, bias, mesh=mesh, **extra)
 
@@ -80,7 +80,8 @@ def clip_loss(name: str = "softmax", mesh: Mesh | None = None, **options) -> Los
 
 def batch_keys(loss: str) -> tuple[str, ...]:
     """The batch entries a CLIP step with `loss` reads: labels only for the multi-positive loss."""
-    return ("image", "text", "label") if loss == "multi_positive" else ("image", "text")
+    labelled = loss in ("multi_positive", "kl_multi_positive")
+    return ("image", "text", "label") if labelled else ("image", "text")
 
 
 # --- State and step -------------------------------------------------------------------
@@ -127,27 +128,23 @@ def fold_batch_stats(params, stats, momentum: float = 0.1):
 
 def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
                     loss: str = "softmax", loss_options: dict | None = None,
-                    accum_steps: int = 1, batch_keys: tuple[str, ...] = ("image", "text")):
+                    accum_steps: int = 1, batch_keys: tuple[str, ...] = ("image", "text"),
+                    task=None, config=None):
     """The jitted `train_step(state, batch) -> (state, metrics)` with donated state.
 
     A ResNet `model` built with train=True normalises with batch statistics and folds them
     into the running averages; metrics["state_finite"] says whether the new parameters and
-    the update that made them are all finite.
+    the update that made them are all finite. A head's `task` (clipjax.heads) brings its
+    own encode and loss (built from `config`); CLIP's are the default.
     """
     bn_train = model.config.vision.is_resnet and model.train
-    loss_fn = clip_loss(loss, mesh, **(loss_options or {}))
     if model.scan and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
         model = model.clone(unroll=True)  # see layers.Transformer: an XLA:CPU deadlock
-
-    def encode(params, batch):
-        if not bn_train:
-            return clip_encode(model)(params, batch)
-        img_BE, stats = model.apply({"params": params}, device_images(batch["image"]),
-                                    normalize=True,
-                                    method="encode_image", mutable=["batch_stats"])
-        txt_BE = model.apply({"params": params}, batch["text"], normalize=True,
-                             method="encode_text")
-        return (img_BE, txt_BE), stats["batch_stats"]
+    if task is not None and task.name != "clip":
+        encode, loss_fn, ndim = task.encode(model), task.loss(model, config, mesh), task.batch_ndim
+    else:
+        loss_fn, ndim = clip_loss(loss, mesh, **(loss_options or {})), BATCH_NDIM
+        encode = _clip_encode_with_stats(model, bn_train)
 
     def step(state: TrainState, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see layers.shard_rows
@@ -167,9 +164,25 @@ def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
                        logit_scale=jnp.exp(params["logit_scale"]), state_finite=finite)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    batch_sh = {k: sharding.batch_sharding(mesh, BATCH_NDIM[k]) for k in batch_keys}
+    batch_sh = {k: sharding.batch_sharding(mesh, ndim[k]) for k in batch_keys}
     return jax.jit(step, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _clip_encode_with_stats(model, bn_train: bool):
+    """CLIP's encode; a ResNet in training mode also returns its sown batch statistics."""
+
+    def encode(params, batch):
+        if not bn_train:
+            return clip_encode(model)(params, batch)
+        img_BE, stats = model.apply({"params": params}, device_images(batch["image"]),
+                                    normalize=True,
+                                    method="encode_image", mutable=["batch_stats"])
+        txt_BE = model.apply({"params": params}, batch["text"], normalize=True,
+                             method="encode_text")
+        return (img_BE, txt_BE), stats["batch_stats"]
+
+    return encode
 
 
 # --- The loop -------------------------------------------------------------------------
@@ -297,15 +310,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     steps = total_steps(config)
     losses.get_loss(config.loss)
-    train_model, eval_model = build_models(config)
+    task = heads.get_task(config)
+    train_model, eval_model = task.build_models(config)
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_global_batch(config.global_batch, mesh)
     if config.global_batch % (config.accum_steps * sharding.batch_size(mesh)):
         raise ValueError(f"global_batch {config.global_batch} must be a multiple of accum_steps "
                          f"x batch shards = {config.accum_steps * sharding.batch_size(mesh)}.")
-    evaluators = build_evaluators(config)  # a bad evaluation spec fails before training
+    evaluators = task.build_evaluators(config)  # a bad evaluation spec fails before training
     checkpoint.check_workdir(workdir, {"model": config.model, "model_overrides":
-                                       config.model_overrides.to_dict(), "scan": bool(config.scan)})
+                                       config.model_overrides.to_dict(), "scan": bool(config.scan),
+                                       **task.identity(config)})
     main = jax.process_index() == 0
     if main:
         runlog.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
@@ -324,16 +339,22 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         state, data_state = ckpt.restore(abstract)
     else:
         state = create_train_state(train_model, optimizer, jax.random.key(config.seed), mesh)
+        loaded: set[str] = set()
         if config.init_checkpoint:
-            state = _load_init(state, config)
+            state, loaded = _load_init(state, config, train_model)
+        if task.name != "clip":  # a head's new modules start from CLIP's weights
+            state = state.replace(params=jax.jit(
+                functools.partial(task.derive, train_model, loaded=frozenset(loaded)),
+                out_shardings=shardings.params)(state.params))
     start = int(state.step)
-    data = build_data(config, data_state)
-    keys = batch_keys(config.loss)
+    data = task.build_data(config, data_state)
+    keys = task.batch_keys(config)
     step_fn = make_train_step(train_model, optimizer, mesh, shardings, loss=config.loss,
                               loss_options={"tile": config.loss_tile} if config.loss in (
                                   "tiled", "sigmoid_ring") else {},
-                              accum_steps=config.accum_steps, batch_keys=keys)
-    encoders = evals.make_encoders(eval_model, mesh) if evaluators else None
+                              accum_steps=config.accum_steps, batch_keys=keys, task=task,
+                              config=config)
+    encoders = task.make_encoders(eval_model, mesh) if evaluators else None
     flops_per_example = clip.train_flops(train_model, config.global_batch) / config.global_batch
     peak = peak_flops_per_device(config.dtype) * jax.device_count()
     schedule = optim.lr_schedule(dict(config.optimizer, total_steps=steps))
@@ -411,9 +432,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         print(f"Nothing to do: the run in {workdir} already finished step {steps}; "
               "raise total_steps to train further.", flush=True)
     elif main:
-        command = (f"clipjax eval zeroshot --checkpoint {workdir} --dataset synthetic"
-                   if config.data.source == "synthetic" else
-                   f"clipjax export {workdir} {workdir.name}.safetensors")
+        command = task.next_command(config, str(workdir))
         print(log.summary(step=int(state.step), stopped=stopped, last=last,
                           files=runlog.listing(workdir, weights.saved_steps(workdir)),
                           next_command=command), flush=True)
@@ -440,16 +459,25 @@ def build_evaluators(config):
                                    seed=config.seed)
 
 
-def _load_init(state: TrainState, config) -> TrainState:
+def _load_init(state: TrainState, config, model=None) -> tuple[TrainState, set[str]]:
     """Parameters from config.init_checkpoint (optionally only paths matching a regex), in
-    the state's layout (scanned or not) and shardings."""
+    the state's layout (scanned or not) and shardings, and the set of paths it gave.
+
+    A head's own modules (paths a plain CLIP of the same architecture lacks) are taken when
+    the checkpoint has them (a head's workdir) and otherwise keep their initialisation.
+    """
     loaded = weights.load(config.init_checkpoint)
     keep = [re.compile(p) for p in config.get("init_checkpoint_keep", ())]
     flat = dict(zip(jax.tree.leaves(optim.param_paths(
         fit := weights.fit_layout(loaded.params, config.scan))), jax.tree.leaves(fit)))
     paths = optim.param_paths(state.params)
+    clip_paths = None
+    if model is not None and type(model) is not clip.CLIP:
+        plain = clip.CLIP(model.config, scan=model.scan)
+        clip_paths = set(jax.tree.leaves(optim.param_paths(clip.abstract_params(plain))))
     wanted = [(p, x) for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(state.params))
-              if not keep or any(k.search(p) for k in keep)]
+              if (not keep or any(k.search(p) for k in keep))
+              and (clip_paths is None or p in clip_paths or p in flat)]
     if not wanted:
         raise ValueError(f"init_checkpoint_keep {tuple(config.init_checkpoint_keep)} matches no "
                          "parameter; parameter paths look like visual/proj, text/ln_final/scale.")
@@ -466,4 +494,19 @@ def _load_init(state: TrainState, config) -> TrainState:
     def pick(path, old):
         return jax.device_put(flat[path], old.sharding) if path in take else old
 
-    return state.replace(params=jax.tree.map(pick, paths, state.params))
+    return state.replace(params=jax.tree.map(pick, paths, state.params)), take
+
+
+def _clip_next_command(config, workdir: str) -> str:
+    if config.data.source == "synthetic":
+        return f"clipjax eval zeroshot --checkpoint {workdir} --dataset synthetic"
+    return f"clipjax export {workdir} {Path(workdir).name}.safetensors"
+
+
+CLIP_TASK = heads.Task(
+    name="clip", batch_ndim=BATCH_NDIM, build_models=build_models, encode=clip_encode,
+    loss=lambda model, config, mesh: clip_loss(config.loss, mesh),
+    batch_keys=lambda config: batch_keys(config.loss), build_data=build_data,
+    build_evaluators=build_evaluators, make_encoders=evals.make_encoders,
+    derive=lambda model, params, loaded: params, identity=lambda config: {},
+    next_command=_clip_next_command)

@@ -18,6 +18,8 @@ pass over host-local {"image", "label" / "index"} batches, and returns metrics n
     metrics = clipjax.evals.run_all(evaluators, make_encoders(model, mesh), params)
 
 A training config names its evaluators in one string, `config_evaluators(config.eval.zeroshot)`.
+Video heads' evaluators (text-video retrieval, action recognition) follow the same protocol
+on `clipjax.evals.video.VideoEncoders`.
 """
 
 from collections.abc import Callable, Iterable, Mapping

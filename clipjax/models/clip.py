@@ -33,12 +33,16 @@ class CLIP(nn.Module):
     def setup(self):
         c, v, t = self.config, self.config.vision, self.config.text
         if v.is_resnet:
+            if self.video_options():
+                raise ValueError(f"{', '.join(self.video_options())} need a ViT image tower; "
+                                 "choose a ViT model or turn them off.")
             self.visual = ModifiedResNet(v.image_size, tuple(v.layers), v.width, v.heads,
                                          c.embed_dim, self.dtype, self.train)
         else:
             self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
                                             v.mlp_dim, c.embed_dim, c.activation, self.dtype,
-                                            self.scan, self.remat, self.unroll)
+                                            self.scan, self.remat, self.unroll,
+                                            **self.video_options())
         self.text = TextTransformer(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
                                     c.embed_dim, c.activation, self.dtype, self.scan, self.remat,
                                     self.unroll)
@@ -47,6 +51,16 @@ class CLIP(nn.Module):
         if c.init_logit_bias is not None:
             self.logit_bias = layers.param_with_axes(
                 self, "logit_bias", nn.initializers.constant(c.init_logit_bias), (), ())
+
+    def video_options(self) -> dict:
+        """VisionTransformer video fields (frames, shift, patch_3d, joint); heads override."""
+        return {}
+
+    def example_inputs(self, batch: int = 1) -> tuple:
+        """Inputs of __call__ that touch every parameter (init, shapes, FLOP counts)."""
+        v, t = self.config.vision, self.config.text
+        return (jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32),
+                jnp.zeros((batch, t.context_length), jnp.int32))
 
     def encode_image(self, img_BHWC: jax.Array, normalize: bool = False) -> jax.Array:
         out_BE = self.visual(img_BHWC)
@@ -89,10 +103,8 @@ def create_model(name: "str | ClipConfig", dtype: Dtype = jnp.float32, scan: boo
     return CLIP(config, dtype=jnp.dtype(dtype), scan=scan, remat=remat)
 
 
-def dummy_inputs(model: CLIP, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    v, t = model.config.vision, model.config.text
-    return (jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32),
-            jnp.zeros((batch, t.context_length), jnp.int32))
+def dummy_inputs(model: CLIP, batch: int = 1) -> tuple:
+    return model.example_inputs(batch)
 
 
 def init_params(model: CLIP, rng: jax.Array):
@@ -102,14 +114,15 @@ def init_params(model: CLIP, rng: jax.Array):
 
 def _boxed_shapes(model: CLIP):
     """Parameter shapes with their logical-axis boxes, from jax.eval_shape (no allocation)."""
-    # Only the architecture and the layer layout decide them; dtype, remat and BatchNorm's
-    # mode do not. Tracing a model's init takes a fraction of a second and a run asks often.
-    return _shapes(model.config, model.scan)
+    # Only the architecture and the layer layout decide them (a head's fields too); dtype,
+    # remat and BatchNorm's mode do not. Tracing a model's init takes a fraction of a
+    # second and a run asks often.
+    return _shapes(model.clone(dtype=jnp.float32, remat="none", train=False, unroll=False,
+                               parent=None))
 
 
 @functools.lru_cache(maxsize=32)
-def _shapes(config: ClipConfig, scan: bool):
-    model = CLIP(config, scan=scan)
+def _shapes(model: CLIP):
     return jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
 
 
@@ -126,10 +139,9 @@ def train_flops(model: CLIP, batch: int) -> float:
     under remat is not model FLOPs, so MFU stays comparable across remat policies.
     """
     plain = model.clone(scan=False, remat="none", train=False)
-    image, text = dummy_inputs(plain)
-    cost = jax.jit(lambda p, i, t: plain.apply({"params": p}, i, t)).lower(
-        abstract_params(plain), jax.ShapeDtypeStruct(image.shape, image.dtype),
-        jax.ShapeDtypeStruct(text.shape, text.dtype)).cost_analysis()
+    inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dummy_inputs(plain)]
+    cost = jax.jit(lambda p, *xs: plain.apply({"params": p}, *xs)).lower(
+        abstract_params(plain), *inputs).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     logits = 2 * batch * batch * model.config.embed_dim  # the N x N logits, shared by both directions
     return 3 * (float(cost["flops"]) * batch + logits)

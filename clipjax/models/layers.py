@@ -150,6 +150,29 @@ class Dense(nn.Module):
         return einsum("...d,df->...f", x, kernel, self.dtype, bias, self.activation)
 
 
+def _key_mask(key_mask_BN: jax.Array | None) -> jax.Array | None:
+    """[B, N] key validity -> the [B, 1, 1, N] mask dot_product_attention broadcasts."""
+    return None if key_mask_BN is None else key_mask_BN.astype(bool)[:, None, None, :]
+
+
+def temporal_shift(x_BND: jax.Array, frames: int, fold_div: int = 8) -> jax.Array:
+    """TSM on the tokens of `frames`-frame clips stacked as rows (B = clips x frames).
+
+    1/fold_div of the channels of every token but the first (the class token) take the
+    next frame's values (they move to t-1), the next 1/fold_div the previous frame's
+    (they move to t+1); the ends are zero-filled and the other channels stay.
+    """
+    b, n, d = x_BND.shape
+    fold = d // fold_div
+    x_VTND = x_BND.reshape(b // frames, frames, n, d)
+    cls_VT1D, tok_VTND = x_VTND[:, :, :1], x_VTND[:, :, 1:]
+    zero = jnp.zeros_like(tok_VTND[:, :1, :, :fold])
+    back = jnp.concatenate([tok_VTND[:, 1:, :, :fold], zero], axis=1)  # frame t gets t+1
+    fwd = jnp.concatenate([zero, tok_VTND[:, :-1, :, fold:2 * fold]], axis=1)  # t gets t-1
+    tok_VTND = jnp.concatenate([back, fwd, tok_VTND[..., 2 * fold:]], axis=-1)
+    return jnp.concatenate([cls_VT1D, tok_VTND], axis=2).reshape(b, n, d)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with a fused [D, 3, H, K] projection (torch's in_proj, reshaped)."""
 
@@ -158,8 +181,12 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, causal: bool = False,
-                 query: int | jax.Array | None = None) -> jax.Array:
-        """[B, N, D] -> [B, N, D]; with `query` (see pick_token) only that token's output, [B, 1, D]."""
+                 query: int | jax.Array | None = None,
+                 key_mask_BN: jax.Array | None = None) -> jax.Array:
+        """[B, N, D] -> [B, N, D]; with `query` (see pick_token) only that token's output, [B, 1, D].
+
+        `key_mask_BN` (bool) hides the keys where it is False (padded frames or tokens).
+        """
         d = x_BND.shape[-1]
         h = self.num_heads
         k = d // h
@@ -171,7 +198,8 @@ class MultiHeadAttention(nn.Module):
             qkv_BNTHK = einsum("bnd,dthk->bnthk", x_BND, w_DTHK, self.dtype, b_THK)
             # split, not indexing: its transpose is one concatenate, not three pads and two adds.
             q_BNHK, k_BNHK, v_BNHK = (t.squeeze(2) for t in jnp.split(qkv_BNTHK, 3, axis=2))
-            o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal)
+            o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal,
+                                                  mask=_key_mask(key_mask_BN))
         else:  # one query; keys and values of every token
             q_BNHK = einsum("bnd,dhk->bnhk", pick_token(x_BND, query), w_DTHK[:, 0], self.dtype,
                             b_THK[0])
@@ -181,7 +209,8 @@ class MultiHeadAttention(nn.Module):
             seen_B = (jnp.broadcast_to(jnp.asarray(query, jnp.int32), x_BND.shape[:1]) + 1
                       if causal else None)
             o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK,
-                                                  key_value_seq_lengths=seen_B)
+                                                  key_value_seq_lengths=seen_B,
+                                                  mask=_key_mask(key_mask_BN))
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         w_HKD = param_with_axes(self, "out_proj_kernel", out_init, (h, k, d), (HEADS, KV, EMBED))
         b_D = param_with_axes(self, "out_proj_bias", nn.initializers.zeros, (d,), (EMBED,))
@@ -212,16 +241,21 @@ class ResidualBlock(nn.Module):
     causal: bool = False
     dtype: Dtype = jnp.float32
     emit_features: bool = False
+    shift_frames: int = 0  # > 0: temporal_shift of the input over clips of this many frames
+    ln_eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array, _=None, only: int | jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x_BND: jax.Array, key_mask_BN: jax.Array | None = None,
+                 only: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """With `only` (see pick_token), computes and returns just that token, [B, 1, D]."""
         x_BND = shard_rows(x_BND)
-        y = LayerNorm(name="ln_1")(x_BND)
-        attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal, only)
+        if self.shift_frames:
+            x_BND = temporal_shift(x_BND, self.shift_frames)
+        y = LayerNorm(self.ln_eps, name="ln_1")(x_BND)
+        attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal, only,
+                                                                           key_mask_BN)
         x_BND = (x_BND if only is None else pick_token(x_BND, only)) + attn
-        y = LayerNorm(name="ln_2")(shard_rows(x_BND))
+        y = LayerNorm(self.ln_eps, name="ln_2")(shard_rows(x_BND))
         x_BND = shard_rows(x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y))
         # A scan body: the second output is stacked over layers, so emit it only on request.
         return x_BND, (x_BND if self.emit_features else None)
@@ -259,27 +293,31 @@ class Transformer(nn.Module):
     # loops concurrently and the collectives inside them can meet in different orders on
     # different devices and deadlock.
     unroll: bool = False
+    shift_frames: int = 0  # see ResidualBlock (ActionCLIP's TSM before every block)
+    ln_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, return_all: bool = False,
-                 pool: int | jax.Array | None = None):
+                 pool: int | jax.Array | None = None, key_mask_BN: jax.Array | None = None):
         block = ResidualBlock
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
-                      causal=self.causal, dtype=self.dtype, emit_features=return_all)
+                      causal=self.causal, dtype=self.dtype, emit_features=return_all,
+                      shift_frames=self.shift_frames, ln_eps=self.ln_eps)
         if self.scan:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=self.layers, unroll=self.layers if self.unroll else 1,
+                            in_axes=nn.broadcast, length=self.layers,
+                            unroll=self.layers if self.unroll else 1,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, None)
+            x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, key_mask_BN)
             if pool is not None:  # the scanned stack computes every token of every layer
                 x_BND = pick_token(x_BND, pool)
             return x_BND, (all_LBND if return_all else None)
         features = []
         for i in range(self.layers):
             only = pool if i == self.layers - 1 and not return_all else None
-            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, None, only)
+            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, key_mask_BN, only)
             features.append(feature_BND)
         if pool is not None and return_all:
             x_BND = pick_token(x_BND, pool)

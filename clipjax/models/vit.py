@@ -23,6 +23,11 @@ class VisionTransformer(nn.Module):
     scan: bool = False
     remat: str = "none"
     unroll: bool = False  # a scan's layers traced one after another (see layers.Transformer)
+    # Video (rows are clips of `frames` consecutive frames; 0 = still images):
+    frames: int = 0
+    shift: bool = False  # ActionCLIP's temporal shift (TSM) before every block
+    patch_3d: bool = False  # CLIP4Clip's 3D linear patch: a (3, p, p) kernel over time
+    joint: bool = False  # ActionCLIP's "joint": one sequence of every frame's patches
 
     @nn.compact
     def __call__(self, img_BHWC: jax.Array, return_features: bool = False):
@@ -40,18 +45,23 @@ class VisionTransformer(nn.Module):
         patches_BNP = img_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches_BNP = patches_BNP.reshape(b, (h // p) * (w // p), p * p * c)
         x_BND = layers.einsum("bnp,pd->bnd", patches_BNP, kernel.reshape(p * p * c, d), self.dtype)
+        if self.patch_3d:
+            x_BND = self._patch_3d(patches_BNP, d, c)
 
         cls_D = layers.param_with_axes(self, "class_embedding", normal, (d,), (EMBED,))
         pos_ND = layers.param_with_axes(self, "positional_embedding", normal,
                                         ((h // p) * (w // p) + 1, d), (POSITIONS, EMBED))
         cls_B1D = jnp.broadcast_to(cls_D.astype(self.dtype), (b, 1, d))
         x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1) + pos_ND.astype(self.dtype)
+        if self.joint:
+            x_BND = self._joint(x_BND, d)
         x_BND = layers.LayerNorm(name="ln_pre")(x_BND)
 
         # Only the class token is projected; the features ask for every token.
         x_BND, blocks_LBND = layers.Transformer(
             self.layers, self.heads, self.mlp_dim, self.activation, causal=False, dtype=self.dtype,
-            scan=self.scan, remat=self.remat, unroll=self.unroll, name="transformer")(
+            scan=self.scan, remat=self.remat, unroll=self.unroll,
+            shift_frames=self.frames if self.shift else 0, name="transformer")(
                 x_BND, return_all=return_features, pool=None if return_features else 0)
         x_BND = layers.LayerNorm(name="ln_post")(x_BND)
         proj_DE = layers.param_with_axes(self, "proj", normal, (d, self.embed_dim), (EMBED, JOINT))
@@ -59,3 +69,29 @@ class VisionTransformer(nn.Module):
         if not return_features:
             return out_BE
         return out_BE, {"blocks": blocks_LBND, "tokens": x_BND}
+
+    def _patch_3d(self, patches_BNP: jax.Array, d: int, c: int) -> jax.Array:
+        """Conv3d with kernel (3, p, p), stride (1, p, p) and one frame of zero padding in
+        time. CLIP4Clip starts it from conv1 in the centre slice (heads.video.derive)."""
+        b, n, pp = patches_BNP.shape
+        t, p = self.frames, self.patch_size
+        kernel = layers.param_with_axes(
+            self, "conv2_kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4),
+            (3, p, p, c, d), (None, CONV_SPATIAL, CONV_SPATIAL, CONV_IN, EMBED))
+        x_VTNP = patches_BNP.reshape(b // t, t, n, pp)
+        zero = jnp.zeros_like(x_VTNP[:, :1])
+        padded = jnp.concatenate([zero, x_VTNP, zero], axis=1)
+        x_VTND = sum(layers.einsum("vtnp,pd->vtnd", padded[:, k:k + t], kernel[k].reshape(pp, d),
+                                   self.dtype) for k in range(3))
+        return x_VTND.reshape(b, n, d)
+
+    def _joint(self, x_BND: jax.Array, d: int) -> jax.Array:
+        """Clips as one sequence: the class token, then every frame's patches with a learned
+        time embedding; rows go from clips x frames to clips."""
+        b, n, _ = x_BND.shape
+        t = self.frames
+        time_TD = layers.param_with_axes(self, "time_embedding", nn.initializers.zeros, (t, d),
+                                         (None, EMBED))
+        x_VTND = x_BND.reshape(b // t, t, n, d)
+        tok_VTND = x_VTND[:, :, 1:] + time_TD[None, :, None].astype(x_BND.dtype)
+        return jnp.concatenate([x_VTND[:, 0, :1], tok_VTND.reshape(b // t, t * (n - 1), d)], 1)
