@@ -12,7 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from clipjax import optim, sharding, train
+from clipjax import heads, optim, sharding, train
 from clipjax.models import clip
 
 GIB = 2**30
@@ -62,7 +62,8 @@ def abstract_step(config, devices):
     compile needs, allocating nothing."""
     mesh = sharding.create_mesh(**{k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")},
                                 devices=devices)
-    model, _ = train.build_models(config)
+    task = heads.get_task(config)
+    model, _ = task.build_models(config)
     sharding.check_global_batch(config.global_batch, mesh)
     steps = max(train.total_steps(config) if config.total_steps or config.data.num_examples
                 else 10_000, config.optimizer.warmup_steps + 1)
@@ -74,20 +75,20 @@ def abstract_step(config, devices):
         opt_state=optimizer.init(clip.abstract_params(model))))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, shardings)
-    size, ctx = model.config.vision.image_size, model.config.text.context_length
+    size, ctx = model.config.vision.image_size, config.data.context_length
     b = config.global_batch
-    batch = {  # images travel as uint8 and are normalised on the device
-        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8,
-                                      sharding=sharding.batch_sharding(mesh, 4)),
-        "text": jax.ShapeDtypeStruct((b, ctx), jnp.int32, sharding=sharding.batch_sharding(mesh, 2)),
-    }
-    keys = train.batch_keys(config.loss)
-    if "label" in keys:
-        batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+    # Images and clips travel as uint8 and are normalised on the device.
+    shapes = {"image": ((b, size, size, 3), jnp.uint8), "text": ((b, ctx), jnp.int32),
+              "label": ((b,), jnp.int32), "frame_mask": ((b, getattr(model, "frames", 0)), bool),
+              "video": ((b, getattr(model, "frames", 0), size, size, 3), jnp.uint8)}
+    keys = task.batch_keys(config)
+    batch = {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1],
+                                     sharding=sharding.batch_sharding(mesh, len(shapes[k][0])))
+             for k in keys}
     step = train.make_train_step(
         model, optimizer, mesh, shardings, loss=config.loss, accum_steps=config.accum_steps,
         loss_options={"tile": config.loss_tile} if config.loss in ("tiled", "sigmoid_ring") else {},
-        batch_keys=keys)
+        batch_keys=keys, task=task, config=config)
     return model, mesh, step, state, batch
 
 
@@ -101,6 +102,7 @@ def compile_train_step(config, topology: str) -> dict:
                 if kind.startswith(k)), None)
     head = {"topology": topology_name(topology), "device_kind": kind, "chips": len(devices),
             "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
+            "task": config.get("task", "clip"), "frames": getattr(model, "frames", 0),
             "accum_steps": config.accum_steps, "loss": config.loss, "hbm_gib": hbm,
             "tflops_per_step": clip.train_flops(model, b) / 1e12}
     try:
@@ -142,8 +144,10 @@ def _exhausted(message: str) -> dict:
 
 
 def format_report(r: dict) -> str:
+    what = r["model"] if r.get("task", "clip") == "clip" else \
+        f"{r['task']} {r['model']}, {r['frames']} frames a clip"
     lines = [
-        f"{r['model']} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
+        f"{what} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
         f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",
     ]
     if "error" in r:

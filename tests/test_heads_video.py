@@ -251,3 +251,29 @@ def test_video_step_sharded_over_8_devices_equals_one_device(task, head, loss):
     loss8, params8 = _one_step(cfg, eight, accum=2)  # and gradient caching
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params8, params1)
+
+
+def test_init_checkpoint_loads_clip_into_the_towers_and_the_copies_follow(tmp_path):
+    from clipjax import weights
+    from clipjax.models import clip
+
+    cfg = _config("clip4clip", sim_header="seqTransf", cross_layers=1)
+    task = get_task(cfg)
+    model = task.build_models(cfg)[0]
+    plain = clip.CLIP(model.config)
+    clip_params = jax.tree.map(np.asarray, clip.init_params(plain, jax.random.key(7)))
+    path = tmp_path / "clip.safetensors"
+    weights.write(weights.from_params(clip_params, cfg, "test"), path)
+    cfg.init_checkpoint = str(path)
+    mesh = sharding.create_mesh(data=8)
+    opt = optim.create_optimizer(dict(lr=1e-3, warmup_steps=0, total_steps=10),
+                                 train.clip.abstract_params(model))
+    state = train.create_train_state(model, opt, jax.random.key(0), mesh)
+    state, loaded = train._load_init(state, cfg, model)
+    assert loaded == set(jax.tree.leaves(optim.param_paths(clip_params)))  # no head module
+    params = jax.tree.map(np.asarray, task.derive(model, state.params, frozenset(loaded)))
+    jax.tree.map(np.testing.assert_array_equal, params["visual"], clip_params["visual"])
+    jax.tree.map(np.testing.assert_array_equal, params["temporal"]["transformer"]["resblocks_0"],
+                 clip_params["text"]["transformer"]["resblocks_0"])
+    np.testing.assert_array_equal(params["temporal"]["frame_position_embeddings"],
+                                  clip_params["text"]["positional_embedding"])

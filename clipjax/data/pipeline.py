@@ -62,7 +62,7 @@ _LOGGED_PER_REASON = 100    # skipped keys logged at WARNING per reason, the res
 
 
 def _rows(batch: dict) -> int:
-    return len(batch["image"])
+    return len(batch["image"] if "image" in batch else batch["video"])
 
 
 # Iterators still open at exit are closed while the interpreter is whole: grain's own
@@ -230,6 +230,30 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`ds` run in `num_workers` grain worker processes (0: in this process)."""
+    if num_workers <= 0:
+        return ds
+    _absl_flags_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=2))
+
+
+def host_share(global_batch_size: int, process_index: int | None,
+               process_count: int | None) -> tuple[int, int, int]:
+    """(process_index, process_count, host batch size), the hosts from JAX unless given."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if global_batch_size < process_count or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} does not divide over "
+                         f"{process_count} hosts: use a multiple of {process_count}.")
+    return process_index, process_count, global_batch_size // process_count
+
+
 def default_num_workers() -> int:
     return max(1, min(32, (os.cpu_count() or 2) - 1))
 
@@ -266,18 +290,13 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
         raise ValueError("No data sources given: pass a spec such as 'wds:/data/{000..099}.tar'.")
     srcs = [sources_lib.open_source(s) for s in specs]
     for s in srcs:
+        if getattr(s, "is_video", False):
+            raise ValueError(f"{s.spec!r} is a video dataset: read it with "
+                             "clipjax.data.video.make_video_iterator.")
         if s.random_access and len(s) == 0:
             raise ValueError(f"{s.spec!r} holds no records.")
-    if process_index is None or process_count is None:
-        import jax
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-    if global_batch_size < process_count or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} does not divide over "
-                         f"{process_count} hosts: use a multiple of {process_count}.")
-    batch_size = global_batch_size // process_count
+    process_index, process_count, batch_size = host_share(global_batch_size, process_index,
+                                                          process_count)
     if not train and len(srcs) > 1:
         raise ValueError("An evaluation pass reads one source; evaluate the sources one by one.")
     weights = [s.weight for s in srcs] if weights is None else list(weights)
@@ -323,11 +342,8 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
         empty["label"] = np.zeros((0,), np.int32)
     if with_index:
         empty["index"] = np.zeros((0,), np.int64)
-    ds = stages.Batch(ds, batch_size, empty, shared_memory=num_workers > 0)
-    if num_workers > 0:
-        _absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=2))
+    ds = in_workers(stages.Batch(ds, batch_size, empty, shared_memory=num_workers > 0),
+                    num_workers)
     config = {"sources": [s.spec for s in srcs], "weights": weights, "seed": seed,
               "train": train, "global_batch_size": global_batch_size,
               "process_index": process_index, "process_count": process_count,

@@ -23,6 +23,9 @@ A spec is `KIND:LOCATION` with optional `?key=value&key=value` options:
     arrayrecord:/data/laion-ar                  what `clipjax data convert` writes (a folder
     arrayrecord:/data/laion-ar/*.array_record   or a glob inside it)
 
+Video datasets (msrvtt:, msvd:, k400:, ucf101:, hmdb51:, videolist:, rawframes:) are
+described in clipjax.data.video_sources and read by clipjax.data.video.
+
 Every kind also takes `weight=` (its share of a mixture) and `max_pixels=` (larger images
 are skipped as decompression bombs; default PIL's limit, 89.5 megapixels). Options are
 read after the last `?` when all that follows it is `key=value` pairs, so a glob's `?`
@@ -71,6 +74,9 @@ SKIP_REASONS = (
     "truncated_shard",   # a tar that ends or breaks mid-stream; its earlier samples are kept
     "unreadable_file",   # an I/O error reading a shard or file that existed at start
     "corrupt_record",    # an ArrayRecord or TFRecord entry that does not parse
+    "missing_video",     # a video file or frame folder that does not exist
+    "empty_video",       # zero bytes, no video stream, or no frames
+    "corrupt_video",     # a video FFmpeg cannot open or decode
 )
 
 
@@ -193,6 +199,9 @@ def source_class(kind: str) -> "type[Source]":
     if kind == "wds":
         from clipjax.data.wds_source import WebDatasetSource
         return WebDatasetSource
+    if kind in VIDEO_KINDS:
+        from clipjax.data import video_sources
+        return video_sources.KINDS[kind]
     from clipjax.data import file_sources
     return file_sources.KINDS[kind]
 
@@ -339,5 +348,7 @@ def _positive(value: str, name: str, spec: str, cast):
 
 
 # csv, folder and imagefolder live in file_sources.py; wds_source.py, tfds_source.py and
-# arrayrecord.py hold the others.
-KINDS = ("wds", "csv", "folder", "imagefolder", "tfds", "arrayrecord")
+# arrayrecord.py hold the others; video_sources.py the video datasets (read through
+# clipjax.data.video, not make_iterator).
+VIDEO_KINDS = ("msrvtt", "msvd", "k400", "ucf101", "hmdb51", "videolist", "rawframes")
+KINDS = ("wds", "csv", "folder", "imagefolder", "tfds", "arrayrecord", *VIDEO_KINDS)

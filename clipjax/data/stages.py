@@ -300,7 +300,10 @@ class Prepare:
 
 
 class Batch(grain.IterDataset):
-    """Up to `batch_size` good samples per batch, with the skipped ones' (reason, key, detail)."""
+    """Up to `batch_size` good samples per batch, with the skipped ones' (reason, key, detail).
+
+    The pixels ("image", or "video" when `empty` has no "image") go straight into the batch.
+    """
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, empty: dict[str, np.ndarray],
                  shared_memory: bool):
@@ -336,19 +339,20 @@ class _BatchIterator(grain.DatasetIterator):
                 rows.append(element)
         if not rows and not skips:
             raise StopIteration
+        pixels = "image" if "image" in self._empty else "video"  # video: uint8 [b, T, H, W, 3]
         batch = {k: np.stack([r[k] for r in rows]) if rows else v for k, v in self._empty.items()
-                 if k != "image"}
+                 if k != pixels}
         # Written straight into the batch, which in a worker process is already the shared
         # memory the main process reads: no per-image float arrays, no extra copies.
-        shape, dtype = (len(rows), *self._empty["image"].shape[1:]), self._empty["image"].dtype
+        shape, dtype = (len(rows), *self._empty[pixels].shape[1:]), self._empty[pixels].dtype
         new = grain.multiprocessing.SharedMemoryArray if self._shared_memory and rows else np.empty
-        image_BHWC = new(shape, dtype)
+        pixels_B = new(shape, dtype)  # [b, H, W, 3] or [b, T, H, W, 3]
         for b, row in enumerate(rows):
             if dtype == np.uint8:
-                image_BHWC[b] = row["image"]
+                pixels_B[b] = row[pixels]
             else:
-                transforms.normalize_uint8(row["image"], out=image_BHWC[b])
-        batch["image"] = image_BHWC
+                transforms.normalize_uint8(row[pixels], out=pixels_B[b])
+        batch[pixels] = pixels_B
         batch["_skipped"] = skips
         return batch
 

@@ -6,11 +6,14 @@ flattened into the image tower's rows (B x T, still split over data x fsdp, a cl
 frames on one device) and come back as frame embeddings [B, T, E].
 """
 
+import dataclasses
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from clipjax.models import layers
 from clipjax.models.clip import CLIP, _normalize
@@ -247,7 +250,10 @@ def build_evaluators(head, config) -> dict:
         return {}
     videos = eval_set(head, spec, config, num_videos=config.eval.num_examples,
                       views=config.eval.get("views", "1x1"))
-    return head.evaluators(videos)
+    evaluators = head.evaluators(videos)
+    if spec.startswith("synthetic"):  # what the temporal heads are for
+        evaluators["direction"] = direction_evaluator(videos)
+    return evaluators
 
 
 def make_encoders(head, model, mesh, batch_size: int = 64):
@@ -278,3 +284,99 @@ def task(head, name: str):
         derive=lambda model, params, loaded=frozenset(): derive(head, model, params, loaded),
         identity=lambda config: {"task": name, "head": head.settings(config)},
         next_command=head.next_command)
+
+
+# --- Using a trained (or plain CLIP) checkpoint -------------------------------------------
+
+
+def load(checkpoint: str, task: str, **head) -> tuple:
+    """(head module, eval model, NumPy params in its layout, config) for a checkpoint.
+
+    A video head's workdir or file gives its own head (whatever `task` asks: every video
+    head embeds clips and captions); a plain CLIP checkpoint (a CLIP run, OpenAI /
+    OpenCLIP weights) gives `task`'s head with `head` settings over CLIP's towers — meanP
+    pooling is CLIP's zero-shot video baseline. New modules start as at training.
+    """
+    import importlib
+
+    from clipjax import weights
+    from clipjax.configs import default
+    from clipjax.models import variants
+
+    w = weights.load(checkpoint)
+    trained = (w.config or {}).get("task", "clip")
+    if trained != "clip" and trained not in ("clip4clip", "actionclip"):
+        raise ValueError(f"{checkpoint} holds a {trained} model, not a video head or CLIP; "
+                         "give a CLIP, CLIP4Clip or ActionCLIP checkpoint.")
+    if trained != "clip":
+        config = ml_collections.ConfigDict(w.config)
+        name = trained
+        if head:
+            config.head.update(head)
+    else:
+        config = default.get_config()
+        config.task, name = task, task
+        config.model = w.arch
+        base = variants.flat_fields(variants.to_dict(variants.get_config(w.arch)))
+        overrides = {k: v for k, v in variants.flat_fields(variants.to_dict(w.model_config))
+                     .items() if base.get(k) != v}
+        config.model_overrides = ml_collections.ConfigDict()
+        for key, value in overrides.items():  # dotted -> nested
+            group, _, field = key.rpartition(".")
+            target = config.model_overrides
+            if group:
+                if group not in target:
+                    target[group] = ml_collections.ConfigDict()
+                target = target[group]
+            target[field] = value
+        config.head = ml_collections.ConfigDict(head)
+    config.scan, config.remat, config.dtype = False, "none", "float32"
+    module = importlib.import_module(f"clipjax.heads.{name}")
+    model = module.build_models(config)[1]
+    params = jax.tree.map(jnp.asarray, w.params)
+    if trained == "clip":  # the head's own modules start as they would for training
+        from clipjax.models import clip
+
+        fresh = jax.jit(model.init)(jax.random.key(0), *model.example_inputs(1))["params"]
+        fresh = flax.linen.meta.unbox(fresh)
+        flat, given = _flat(fresh), _flat(params)
+        missing = [p for p in _flat(clip.abstract_params(clip.CLIP(model.config))) if p not in given]
+        if missing:
+            raise ValueError(f"{checkpoint} lacks {missing[0]} (and {len(missing) - 1} more) of "
+                             f"{w.arch}; give a complete CLIP checkpoint.")
+        flat.update({p: v for p, v in given.items() if p in flat})
+        params = apply_derived(_unflat(flat), module.derived_params(model, _unflat(flat)), set())
+    return module, model, params, config
+
+
+def direction_evaluator(videos, prefix: str = "direction"):
+    """On the built-in videos: can the model tell a motion from its mirror?
+
+    Each held-out clip is scored against its own caption rewritten with each of the six
+    motions. `top1`: the right motion wins among the six; `mirror`: it beats its mirror
+    image (left vs right, up vs down, grow vs shrink), which a mean over frames cannot do.
+    """
+    from clipjax.data import synthetic_video as sv
+    from clipjax.evals import video as video_evals
+
+    def run(encoders, params) -> dict[str, float]:
+        n, m = videos.num_videos, len(sv.MOTIONS)
+        index = np.arange(n)
+        drawn = sv.render(videos.seed, videos.split, index, 2, 4)
+        texts = []
+        for motion in range(m):  # [M, N] captions, motion-major
+            as_m = dataclasses.replace(drawn, motion_B=np.full(n, motion, np.int32))
+            texts += sv.captions(videos.seed, videos.split, as_m, index)
+        txt = video_evals.encode_texts(encoders, params, texts)
+        correct = mirror = seen = 0
+        for sim_Qb, extra in video_evals.score_rows(encoders, params, videos, txt):
+            i = extra["index"]
+            s_bM = sim_Qb.reshape(m, n, -1)[:, i, np.arange(len(i))].T
+            truth = drawn.motion_B[i]
+            correct += int(np.sum(np.argmax(s_bM, 1) == truth))
+            rows = np.arange(len(i))
+            mirror += int(np.sum(s_bM[rows, truth] > s_bM[rows, sv.MIRROR[truth]]))
+            seen += len(i)
+        return {f"{prefix}/top1": correct / seen, f"{prefix}/mirror": mirror / seen}
+
+    return run
