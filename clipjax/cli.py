@@ -11,6 +11,7 @@ import jax
 
 from clipjax.data import cli as data_cli
 from clipjax.evals import cli as evals_cli
+from clipjax.heads import cli as heads_cli
 from clipjax.models import variants
 
 
@@ -143,9 +144,9 @@ def _compile(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipjax", description="CLIP in JAX: train (the built-in default runs offline on "
-        "a CPU), evaluate (zero-shot, retrieval, linear probes), embed and search image "
-        "folders, export and convert checkpoints, plan pod runs. Every --checkpoint takes a "
-        "training workdir, a step folder, a clipjax .safetensors or a PyTorch checkpoint.")
+        "a CPU), evaluate (zero-shot, retrieval, linear probes, video retrieval, action "
+        "recognition), embed and search image folders, classify videos, export and convert "
+        "checkpoints, plan pod runs. Every --checkpoint takes a training workdir, a step folder, a clipjax .safetensors or a PyTorch checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter counts (and GFLOPs) of architectures")
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub)
     evals_cli.register(sub)
+    heads_cli.register(sub)
     return parser
 
 

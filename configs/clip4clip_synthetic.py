@@ -25,6 +25,10 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 100
     c.data.source = "synthetic"
+    # Each clip beside itself played backwards (its mirror motion, its own caption): the
+    # in-batch negatives that only the frames' order tells apart. Without them a random
+    # batch almost never holds two clips of one colour and shape on one axis.
+    c.data.mirror_pairs = True
     c.eval.zeroshot = ""
     c.eval.video = "synthetic"  # or a dataset spec: msrvtt:/data/msrvtt?split=test
     c.eval.views = "1x1"

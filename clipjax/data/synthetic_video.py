@@ -21,6 +21,7 @@ import numpy as np
 
 from clipjax.data.synthetic import (_SHAPE_WORDS, _COLOUR_WORDS, COLOURS, SHAPES, _pick,
                                     _sdf, _uniform, _word)
+from clipjax.evals import prompts
 from clipjax.tokenizer import tokenize
 
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
@@ -29,12 +30,7 @@ MIRROR = np.asarray([1, 0, 3, 2, 5, 4])  # the motion a video shows when played 
 _BACKWARDS = np.asarray([True, False, True, False, False, True])  # canonical order reversed
 
 # ActionCLIP's 16 prompts (utils/Text_Prompt.py), in its order.
-ACTION_TEMPLATES = (
-    "a photo of action {}", "a picture of action {}", "Human action of {}", "{}, an action",
-    "{} this is an action", "{}, a video of action", "Playing action of {}", "{}",
-    "Playing a kind of action, {}", "Doing a kind of action, {}", "Look, the human is {}",
-    "Can you recognize the action of {}?", "Video classification of {}", "A video of {}",
-    "The man is {}", "The woman is {}")
+ACTION_TEMPLATES = prompts.ACTION_TEMPLATES  # ActionCLIP's 16
 
 # Splits 2 and 3 of the shared hash, so no video reuses an image's random numbers.
 SPLITS = {"train": 2, "test": 3, "held_out": 3}
@@ -214,7 +210,7 @@ class SyntheticVideoIterator(Iterator[dict[str, np.ndarray]]):
     def __init__(self, batch_size: int, *, split: str = "train", num_frames: int = 8,
                  image_size: int = 32, context_length: int = 16, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, text: str = "caption",
-                 templates: Sequence[str] = ACTION_TEMPLATES):
+                 templates: Sequence[str] = ACTION_TEMPLATES, mirror_pairs: bool = False):
         _split_id(split)
         if batch_size % process_count:
             raise ValueError(f"The global batch size {batch_size} does not divide over "
@@ -227,14 +223,29 @@ class SyntheticVideoIterator(Iterator[dict[str, np.ndarray]]):
         self.image_size, self.context_length, self.seed = image_size, context_length, seed
         self.process_index, self.process_count = process_index, process_count
         self.text, self.templates = text, tuple(templates)
+        # Hard negatives: each clip next to itself played backwards (its mirror motion), so
+        # a batch cannot be told apart without the frames' order.
+        self.mirror_pairs = bool(mirror_pairs)
+        if mirror_pairs and (batch_size // process_count) % 2:
+            raise ValueError(f"mirror_pairs needs an even batch on each host; got "
+                             f"{batch_size // process_count}.")
         self._next = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         per = self.batch_size // self.process_count
-        lo = self._next + self.process_index * per
-        index_B = np.arange(lo, lo + per)
-        self._next += self.batch_size
-        videos = render(self.seed, self.split, index_B, self.num_frames, self.image_size)
+        step = self.batch_size // 2 if self.mirror_pairs else self.batch_size
+        lo = self._next + self.process_index * (per // 2 if self.mirror_pairs else per)
+        self._next += step
+        if self.mirror_pairs:
+            half = np.arange(lo, lo + per // 2)
+            index_B = np.repeat(half, 2)
+            drawn = render(self.seed, self.split, half, 2, 4).motion_B
+            motion_B = np.stack([drawn, MIRROR[drawn]], 1).reshape(-1)
+            videos = render(self.seed, self.split, index_B, self.num_frames, self.image_size,
+                            motion_B=motion_B)
+        else:
+            index_B = np.arange(lo, lo + per)
+            videos = render(self.seed, self.split, index_B, self.num_frames, self.image_size)
         if self.text == "caption":
             text = captions(self.seed, self.split, videos, index_B)
         else:
@@ -247,7 +258,7 @@ class SyntheticVideoIterator(Iterator[dict[str, np.ndarray]]):
         return {"seed": self.seed, "split": self.split, "batch_size": self.batch_size,
                 "num_frames": self.num_frames, "image_size": self.image_size,
                 "context_length": self.context_length, "process_count": self.process_count,
-                "text": self.text}
+                "text": self.text, "mirror_pairs": self.mirror_pairs}
 
     def get_state(self) -> dict:
         return {"next_index": self._next, **self._settings()}

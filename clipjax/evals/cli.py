@@ -1,4 +1,5 @@
-"""`clipjax eval zeroshot | retrieval | linear-probe`, `clipjax embed` and `clipjax search`."""
+"""`clipjax eval zeroshot | retrieval | linear-probe`, `clipjax embed` and `clipjax search`
+(the video heads' `eval video-retrieval | action` are in clipjax.heads.cli)."""
 
 import argparse
 import json
@@ -224,7 +225,10 @@ def _common(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> Non
 
 def register(sub) -> None:
     """Adds the evaluation and search subcommands to the `clipjax` argument parser."""
-    p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probes")
+    from clipjax.heads import cli as heads_cli
+
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probes, video "
+                       "retrieval, action recognition")
     tasks = p.add_subparsers(dest="task", required=True)
 
     z = tasks.add_parser("zeroshot", help="zero-shot top-1/top-5 with prompt ensembles",
@@ -275,6 +279,7 @@ def register(sub) -> None:
                     "setting in OpenAI's linear-probe example)")
     lp.add_argument("--out", default="linear_probe.json", help="results JSON")
     lp.set_defaults(fn=_linear_probe)
+    heads_cli.register_eval(tasks)
 
     e = sub.add_parser("embed", help="embed every image under a folder into a search index",
                        description="Embed every image under FOLDER (any depth) for `clipjax "

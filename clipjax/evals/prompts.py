@@ -17,6 +17,14 @@ from pathlib import Path
 ClassName = str | list[str]
 
 # tfds dataset names -> the entry of prompts.json that holds their classes.
+# ActionCLIP's 16 action templates (its utils/Text_Prompt.py), one drawn per training clip.
+ACTION_TEMPLATES = (
+    "a photo of action {}", "a picture of action {}", "Human action of {}", "{}, an action",
+    "{} this is an action", "{}, a video of action", "Playing action of {}", "{}",
+    "Playing a kind of action, {}", "Doing a kind of action, {}", "Look, the human is {}",
+    "Can you recognize the action of {}?", "Video classification of {}", "A video of {}",
+    "The man is {}", "The woman is {}")
+
 TFDS_DATASETS = {"imagenet2012": "imagenet1k", "imagenet_v2": "imagenet1k",
                  "imagenet2012_real": "imagenet1k", "imagenet_sketch": "imagenet1k",
                  "cifar10": "cifar10", "cifar100": "cifar100", "food101": "food101",

@@ -20,6 +20,7 @@ of 100 x cosine over the templates (and over views).
 import jax
 import jax.numpy as jnp
 
+from clipjax.evals import prompts
 from clipjax.heads import video
 from clipjax.models import clip, layers
 from clipjax.models.clip import _normalize
@@ -27,13 +28,7 @@ from clipjax.models.layers import CONV_SPATIAL, EMBED, POSITIONS
 
 FUSIONS = ("meanP", "Conv_1D", "LSTM", "Transf", "Transf_cls")
 DEFAULTS = {"frames": 8, "fusion": "Transf", "fusion_layers": 6, "tsm": False, "joint": False}
-# ActionCLIP's utils/Text_Prompt.py.
-TEMPLATES = (
-    "a photo of action {}", "a picture of action {}", "Human action of {}", "{}, an action",
-    "{} this is an action", "{}, a video of action", "Playing action of {}", "{}",
-    "Playing a kind of action, {}", "Doing a kind of action, {}", "Look, the human is {}",
-    "Can you recognize the action of {}?", "Video classification of {}", "A video of {}",
-    "The man is {}", "The woman is {}")
+TEMPLATES = prompts.ACTION_TEMPLATES  # ActionCLIP's 16 (utils/Text_Prompt.py)
 
 
 def _shift_kernel(key, shape, dtype=jnp.float32):

@@ -196,7 +196,8 @@ def build_data(head, config, state: dict | None):
             config.global_batch, num_frames=s["frames"], image_size=config.data.image_size,
             context_length=config.data.context_length, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            text=head.TEXT, templates=getattr(head, "TEMPLATES", synthetic_video.ACTION_TEMPLATES))
+            text=head.TEXT, templates=getattr(head, "TEMPLATES", synthetic_video.ACTION_TEMPLATES),
+            mirror_pairs=bool(config.data.get("mirror_pairs", False)))
     elif not config.data.source:
         raise ValueError("data.source is empty; give a video dataset, e.g. "
                          f"data.source='{head.EXAMPLE_SOURCE}', or 'synthetic'.")
@@ -252,7 +253,7 @@ def build_evaluators(head, config) -> dict:
                       views=config.eval.get("views", "1x1"))
     evaluators = head.evaluators(videos)
     if spec.startswith("synthetic"):  # what the temporal heads are for
-        evaluators["direction"] = direction_evaluator(videos)
+        evaluators["direction"] = direction_evaluator(videos, getattr(head, "TEMPLATES", None))
     return evaluators
 
 
@@ -299,8 +300,7 @@ def load(checkpoint: str, task: str, **head) -> tuple:
     """
     import importlib
 
-    from clipjax import weights
-    from clipjax.configs import default
+    from clipjax import config as config_lib, weights
     from clipjax.models import variants
 
     w = weights.load(checkpoint)
@@ -314,9 +314,13 @@ def load(checkpoint: str, task: str, **head) -> tuple:
         if head:
             config.head.update(head)
     else:
-        config = default.get_config()
+        # load_config maps configs/ as clipjax.configs, which a source checkout lacks.
+        config = config_lib.load_config("default").unlock()
         config.task, name = task, task
         config.model = w.arch
+        # Frames and captions are read at the model's sizes, not the default run's.
+        config.data.image_size = w.model_config.vision.image_size
+        config.data.context_length = w.model_config.text.context_length
         base = variants.flat_fields(variants.to_dict(variants.get_config(w.arch)))
         overrides = {k: v for k, v in variants.flat_fields(variants.to_dict(w.model_config))
                      .items() if base.get(k) != v}
@@ -349,12 +353,14 @@ def load(checkpoint: str, task: str, **head) -> tuple:
     return module, model, params, config
 
 
-def direction_evaluator(videos, prefix: str = "direction"):
+def direction_evaluator(videos, templates=None, prefix: str = "direction"):
     """On the built-in videos: can the model tell a motion from its mirror?
 
-    Each held-out clip is scored against its own caption rewritten with each of the six
-    motions. `top1`: the right motion wins among the six; `mirror`: it beats its mirror
-    image (left vs right, up vs down, grow vs shrink), which a mean over frames cannot do.
+    Each held-out clip is scored against six texts, one per motion: its own caption
+    rewritten with each motion, or (given `templates`, ActionCLIP) the six class names in
+    the templates, averaged as its test does. `top1`: the right motion wins among the six;
+    `mirror`: it beats its mirror image (left vs right, up vs down, grow vs shrink), which a
+    mean over frames cannot do (chance 50%).
     """
     from clipjax.data import synthetic_video as sv
     from clipjax.evals import video as video_evals
@@ -363,20 +369,25 @@ def direction_evaluator(videos, prefix: str = "direction"):
         n, m = videos.num_videos, len(sv.MOTIONS)
         index = np.arange(n)
         drawn = sv.render(videos.seed, videos.split, index, 2, 4)
-        texts = []
-        for motion in range(m):  # [M, N] captions, motion-major
-            as_m = dataclasses.replace(drawn, motion_B=np.full(n, motion, np.int32))
-            texts += sv.captions(videos.seed, videos.split, as_m, index)
-        txt = video_evals.encode_texts(encoders, params, texts)
-        correct = mirror = seen = 0
-        for sim_Qb, extra in video_evals.score_rows(encoders, params, videos, txt):
-            i = extra["index"]
-            s_bM = sim_Qb.reshape(m, n, -1)[:, i, np.arange(len(i))].T
-            truth = drawn.motion_B[i]
-            correct += int(np.sum(np.argmax(s_bM, 1) == truth))
-            rows = np.arange(len(i))
-            mirror += int(np.sum(s_bM[rows, truth] > s_bM[rows, sv.MIRROR[truth]]))
-            seen += len(i)
-        return {f"{prefix}/top1": correct / seen, f"{prefix}/mirror": mirror / seen}
+        if templates is not None:
+            probs, seen, _ = video_evals.score_videos(encoders, params, videos, sv.CLASSNAMES,
+                                                      templates)
+            scores_VM, truth = probs, drawn.motion_B[seen]
+        else:
+            texts = []
+            for motion in range(m):  # [M, N] captions, motion-major
+                as_m = dataclasses.replace(drawn, motion_B=np.full(n, motion, np.int32))
+                texts += sv.captions(videos.seed, videos.split, as_m, index)
+            txt = video_evals.encode_texts(encoders, params, texts)
+            parts, seen = [], []
+            for sim_Qb, extra in video_evals.score_rows(encoders, params, videos, txt):
+                i = extra["index"]
+                parts.append(sim_Qb.reshape(m, n, -1)[:, i, np.arange(len(i))].T)
+                seen.append(i)
+            scores_VM, truth = np.concatenate(parts), drawn.motion_B[np.concatenate(seen)]
+        rows = np.arange(len(truth))
+        return {f"{prefix}/top1": float(np.mean(np.argmax(scores_VM, 1) == truth)),
+                f"{prefix}/mirror": float(np.mean(scores_VM[rows, truth] >
+                                                  scores_VM[rows, sv.MIRROR[truth]]))}
 
     return run
