@@ -100,6 +100,9 @@ def test_3d_patch_at_initialisation_equals_the_2d_patch():
 def test_temporal_blocks_start_as_copies_of_the_text_blocks(header, target, pos):
     _, params = _model_and_params("clip4clip", sim_header=header, cross_layers=1)
     np.testing.assert_array_equal(params[target][pos], params["text"]["positional_embedding"])
+    _, scaled = _model_and_params("clip4clip", sim_header=header, cross_layers=1,
+                                  position_scale=3.0)
+    np.testing.assert_allclose(scaled[target][pos], 3 * scaled["text"]["positional_embedding"])
     for i in range(1):
         got, want = params[target]["transformer"][f"resblocks_{i}"], \
             params["text"]["transformer"][f"resblocks_{i}"]

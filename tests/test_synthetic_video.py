@@ -184,3 +184,18 @@ def test_eval_set_covers_every_video_once():
         50, seed=2, num_frames=3, image_size=8, process_index=p, process_count=3).batches(8)])
         for p in range(3)]
     np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.arange(50))
+
+
+def test_mirror_pairs_put_each_clip_beside_itself_played_backwards():
+    it = sv.SyntheticVideoIterator(8, num_frames=4, image_size=16, mirror_pairs=True)
+    b = next(it)
+    np.testing.assert_array_equal(b["video"][1::2], b["video"][0::2, ::-1])
+    np.testing.assert_array_equal(b["label"][1::2], sv.MIRROR[b["label"][0::2]])
+    assert not np.array_equal(b["text"][0], b["text"][1])  # each has its own caption
+    state = it.get_state()
+    want = next(it)
+    again = sv.SyntheticVideoIterator(8, num_frames=4, image_size=16, mirror_pairs=True)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["video"], want["video"])
+    with pytest.raises(ValueError, match="mirror_pairs"):
+        sv.SyntheticVideoIterator(8, num_frames=4, image_size=16).set_state(state)

@@ -29,7 +29,10 @@ from clipjax.models.layers import EMBED, POSITIONS
 
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 DEFAULTS = {"frames": 12, "sim_header": "meanP", "linear_patch": "2d", "cross_layers": 4,
-            "fps": 1, "slice_framepos": 2}
+            "fps": 1, "slice_framepos": 2,
+            # The frame positions start as the text tower's positional embedding times this
+            # (1: the reference's copy).
+            "position_scale": 1.0}
 
 
 class CrossModel(layers.nn.Module):
@@ -73,6 +76,7 @@ class Clip4Clip(video.VideoCLIP):
     sim_header: str = "meanP"
     linear_patch: str = "2d"
     cross_layers: int = 4
+    position_scale: float = 1.0  # see DEFAULTS
 
     def video_options(self) -> dict:
         return {"frames": self.frames, "patch_3d": self.linear_patch == "3d"}
@@ -131,7 +135,8 @@ def build_models(config):
         raise ValueError("CLIP4Clip reads frames with a ViT image tower; choose a ViT model.")
     model = Clip4Clip(base.config, dtype=base.dtype, scan=base.scan, remat=base.remat,
                       frames=s["frames"], sim_header=s["sim_header"],
-                      linear_patch=s["linear_patch"], cross_layers=s["cross_layers"])
+                      linear_patch=s["linear_patch"], cross_layers=s["cross_layers"],
+                      position_scale=float(s["position_scale"]))
     return model, model
 
 
@@ -153,10 +158,10 @@ def encode(model: Clip4Clip):
 
 
 def tight_logits(model: Clip4Clip, params, txt_QE, frames_VTE, mask_VT, chunk: int = 0):
-    """[Q, V] cross-model scores of every caption with every clip, a caption at a time
-    (or `chunk` captions), so memory holds V sequences, not Q x V."""
+    """[Q, V] cross-model scores of every caption with every clip, `chunk` captions at a
+    time (default: about 4096 pairs), so memory holds chunk x V sequences, not Q x V."""
     q, v = txt_QE.shape[0], frames_VTE.shape[0]
-    chunk = chunk or 1
+    chunk = min(q, chunk or max(1, 4096 // v))
 
     def row(txt_cE):
         c = txt_cE.shape[0]
@@ -207,10 +212,11 @@ def derived_params(model: Clip4Clip, params) -> dict:
         out["visual/conv2_kernel"] = video.centre_3d_kernel(flat["visual/conv1_kernel"])
     if model.sim_header == "seqTransf":
         out.update(video.copy_text_blocks(flat, "temporal", model.cross_layers, model.scan))
-        out["temporal/frame_position_embeddings"] = flat["text/positional_embedding"]
+        out["temporal/frame_position_embeddings"] = (model.position_scale *
+                                                     flat["text/positional_embedding"])
     elif model.sim_header == "tightTransf":
         out.update(video.copy_text_blocks(flat, "cross", model.cross_layers, model.scan))
-        out["cross/position_embeddings"] = flat["text/positional_embedding"]
+        out["cross/position_embeddings"] = model.position_scale * flat["text/positional_embedding"]
     return out
 
 
