@@ -503,10 +503,16 @@ def _clip_next_command(config, workdir: str) -> str:
     return f"clipjax export {workdir} {Path(workdir).name}.safetensors"
 
 
+# Looked up when called, so a test (or a user) that replaces one of these functions in its
+# module replaces it for the task too.
 CLIP_TASK = heads.Task(
-    name="clip", batch_ndim=BATCH_NDIM, build_models=build_models, encode=clip_encode,
+    name="clip", batch_ndim=BATCH_NDIM,
+    build_models=lambda config: build_models(config),
+    encode=lambda model: clip_encode(model),
     loss=lambda model, config, mesh: clip_loss(config.loss, mesh),
-    batch_keys=lambda config: batch_keys(config.loss), build_data=build_data,
-    build_evaluators=build_evaluators, make_encoders=evals.make_encoders,
+    batch_keys=lambda config: batch_keys(config.loss),
+    build_data=lambda config, state: build_data(config, state),
+    build_evaluators=lambda config: build_evaluators(config),
+    make_encoders=lambda model, mesh: evals.make_encoders(model, mesh),
     derive=lambda model, params, loaded: params, identity=lambda config: {},
-    next_command=_clip_next_command)
+    next_command=lambda config, workdir: _clip_next_command(config, workdir))
