@@ -302,6 +302,11 @@ def write(weights: Weights, out: str | os.PathLike, to: str = "clipjax") -> list
                              f"{out.with_suffix('.safetensors').name}.")
         files.save_params(out, weights.params, weights.arch, meta)
         return [out]
+    task = (weights.config or {}).get("task", "clip")
+    if task != "clip":
+        raise ValueError(f"{weights.source} is a {task} run, whose own modules have no place in "
+                         f"a CLIP checkpoint; export it --to clipjax (every clipjax command "
+                         "reads that file), or train CLIP to share its towers.")
     if to == "openclip":
         if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
             raise ValueError(f"{out}: an OpenCLIP checkpoint is a .safetensors or .pt file.")

@@ -14,7 +14,7 @@ The reference's RandAugment (N 2, M 9) is not applied.
 
 import ml_collections
 
-from clipjax.configs import _paper, default
+from clipjax.configs import _video, default
 
 
 def get_config(arg=None):
@@ -49,17 +49,7 @@ def get_config(arg=None):
     c.eval.every_steps = 1875  # once an epoch
     c.checkpoint.every_steps = 1875
     c.log_every_steps = 50
+    _video.runlocal(c, arg, "actionclip_k400", shrink_model=True)
     if arg == "runlocal":
-        c.model_overrides = _paper._tiny("ViT-B-32")
-        c.head.frames, c.head.fusion_layers, c.head.tsm = 4, 1, True
-        c.init_checkpoint = ""
-        c.global_batch, c.total_steps, c.epochs = 16, 4, 0
-        c.data.source, c.data.num_workers = "synthetic", 0
-        c.data.image_size = c.model_overrides.vision.image_size
-        c.data.context_length = c.model_overrides.text.context_length
-        c.eval.video, c.eval.num_examples = "synthetic", 32
-        c.eval.every_steps, c.checkpoint.every_steps, c.log_every_steps = 4, 2, 1
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; actionclip_k400 takes 'runlocal' "
-                         "or nothing.")
+        c.head.fusion_layers, c.head.tsm = 1, True
     return c

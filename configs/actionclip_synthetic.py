@@ -11,7 +11,7 @@ frames in reverse order: meanP stays near chance on them, Transf and TSM do not.
 
 import ml_collections
 
-from clipjax.configs import default
+from clipjax.configs import _video, default
 
 
 def get_config(arg=None):
@@ -26,21 +26,6 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.lr_multipliers = {}  # from scratch every module learns at one rate
-    c.data.source = "synthetic"
-    c.eval.zeroshot = ""
-    c.eval.video = "synthetic"  # or a labelled dataset spec: ucf101:/data/ucf101?split=1
-    c.eval.views = "1x1"
-    c.eval.num_examples = 512
-    c.eval.every_steps = 400
-    c.checkpoint.every_steps = 400
-    c.log_every_steps = 50
-    if arg == "runlocal":
-        c.total_steps, c.global_batch, c.eval.num_examples = 4, 16, 32
-        c.eval.every_steps = c.checkpoint.every_steps = 2
-        c.log_every_steps = 1
-        c.head.frames = 4
-        c.optimizer.warmup_steps = 1
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; actionclip_synthetic takes "
-                         "'runlocal' or nothing.")
+    _video.on_builtin_clips(c)  # or eval.video=ucf101:/data/ucf101?split=1
+    _video.runlocal(c, arg, "actionclip_synthetic")
     return c

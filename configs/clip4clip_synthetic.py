@@ -11,7 +11,7 @@ order, so meanP cannot tell them apart; seqTransf and tightTransf can.
 
 import ml_collections
 
-from clipjax.configs import default
+from clipjax.configs import _video, default
 
 
 def get_config(arg=None):
@@ -32,25 +32,10 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-2
     c.optimizer.lr_multipliers = {"^(visual|text)/|^logit_scale$": 0.1}
     c.optimizer.warmup_steps = 100
-    c.data.source = "synthetic"
+    _video.on_builtin_clips(c)  # or eval.video=msrvtt:/data/msrvtt?split=test
     # Each clip beside itself played backwards (its mirror motion, its own caption): the
     # in-batch negatives that only the frames' order tells apart. Without them a random
     # batch almost never holds two clips of one colour and shape on one axis.
     c.data.mirror_pairs = True
-    c.eval.zeroshot = ""
-    c.eval.video = "synthetic"  # or a dataset spec: msrvtt:/data/msrvtt?split=test
-    c.eval.views = "1x1"
-    c.eval.num_examples = 512
-    c.eval.every_steps = 400
-    c.checkpoint.every_steps = 400
-    c.log_every_steps = 50
-    if arg == "runlocal":
-        c.total_steps, c.global_batch, c.eval.num_examples = 4, 16, 32
-        c.eval.every_steps = c.checkpoint.every_steps = 2
-        c.log_every_steps = 1
-        c.head.frames = 4
-        c.optimizer.warmup_steps = 1
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; clip4clip_synthetic takes 'runlocal' "
-                         "or nothing.")
+    _video.runlocal(c, arg, "clip4clip_synthetic")
     return c

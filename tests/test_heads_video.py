@@ -280,3 +280,18 @@ def test_init_checkpoint_loads_clip_into_the_towers_and_the_copies_follow(tmp_pa
                  clip_params["text"]["transformer"]["resblocks_0"])
     np.testing.assert_array_equal(params["temporal"]["frame_position_embeddings"],
                                   clip_params["text"]["positional_embedding"])
+
+
+def test_a_head_run_exports_to_clipjax_and_refuses_a_clip_layout(tmp_path):
+    from clipjax import weights
+
+    cfg = _config("clip4clip", sim_header="seqTransf", cross_layers=1)
+    _, params = _model_and_params("clip4clip", sim_header="seqTransf", cross_layers=1)
+    w = weights.from_params(params, cfg, "a clip4clip run")
+    assert weights.write(w, tmp_path / "head.safetensors") == [tmp_path / "head.safetensors"]
+    back = weights.load(tmp_path / "head.safetensors")
+    np.testing.assert_array_equal(back.params["temporal"]["frame_position_embeddings"],
+                                  params["temporal"]["frame_position_embeddings"])
+    for to, name in (("openclip", "head.pt"), ("hf", "hf")):
+        with pytest.raises(ValueError, match="clip4clip run.*--to clipjax"):
+            weights.write(w, tmp_path / name, to=to)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from clipjax.evals import prompts
 from clipjax.heads import video
-from clipjax.models import clip, layers
+from clipjax.models import layers
 from clipjax.models.clip import _normalize
 from clipjax.models.layers import CONV_SPATIAL, EMBED, POSITIONS
 
@@ -127,13 +127,9 @@ def settings(config) -> dict:
 
 def build_models(config):
     s = settings(config)
-    base = clip.create_model(config.model, dtype=jnp.dtype(config.dtype), scan=config.scan,
-                             remat=config.remat, **config.model_overrides.to_dict())
-    if base.config.vision.is_resnet:
-        raise ValueError("ActionCLIP reads frames with a ViT image tower; choose a ViT model.")
-    model = ActionClip(base.config, dtype=base.dtype, scan=base.scan, remat=base.remat,
-                       frames=s["frames"], fusion=s["fusion"], fusion_layers=s["fusion_layers"],
-                       tsm=bool(s["tsm"]), joint=bool(s["joint"]))
+    model = video.build_model(ActionClip, config, "ActionCLIP", frames=s["frames"],
+                              fusion=s["fusion"], fusion_layers=s["fusion_layers"],
+                              tsm=bool(s["tsm"]), joint=bool(s["joint"]))
     return model, model
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from clipjax import losses
 from clipjax.heads import video
-from clipjax.models import clip, layers
+from clipjax.models import layers
 from clipjax.models.clip import _normalize
 from clipjax.models.layers import EMBED, POSITIONS
 
@@ -129,14 +129,10 @@ def settings(config) -> dict:
 
 def build_models(config):
     s = settings(config)
-    base = clip.create_model(config.model, dtype=jnp.dtype(config.dtype), scan=config.scan,
-                             remat=config.remat, **config.model_overrides.to_dict())
-    if base.config.vision.is_resnet:
-        raise ValueError("CLIP4Clip reads frames with a ViT image tower; choose a ViT model.")
-    model = Clip4Clip(base.config, dtype=base.dtype, scan=base.scan, remat=base.remat,
-                      frames=s["frames"], sim_header=s["sim_header"],
-                      linear_patch=s["linear_patch"], cross_layers=s["cross_layers"],
-                      position_scale=float(s["position_scale"]))
+    model = video.build_model(Clip4Clip, config, "CLIP4Clip", frames=s["frames"],
+                              sim_header=s["sim_header"], linear_patch=s["linear_patch"],
+                              cross_layers=s["cross_layers"],
+                              position_scale=float(s["position_scale"]))
     return model, model
 
 

@@ -126,6 +126,17 @@ class LSTM(nn.Module):
         return out_TBH.swapaxes(0, 1)
 
 
+def build_model(cls, config, name: str, **fields):
+    """A head `cls` over config.model's towers (with model_overrides); ViT towers only."""
+    from clipjax.models import clip
+
+    base = clip.create_model(config.model, dtype=jnp.dtype(config.dtype), scan=config.scan,
+                             remat=config.remat, **config.model_overrides.to_dict())
+    if base.config.vision.is_resnet:
+        raise ValueError(f"{name} reads frames with a ViT image tower; choose a ViT model.")
+    return cls(base.config, dtype=base.dtype, scan=base.scan, remat=base.remat, **fields)
+
+
 def head_settings(config, defaults: dict, task: str) -> dict:
     """config.head merged over a head's defaults; an unknown key is refused."""
     given = dict(config.get("head", ml_collections.ConfigDict()).to_dict())
