@@ -67,7 +67,7 @@ def abstract_step(config, devices):
     sharding.check_global_batch(config.global_batch, mesh)
     steps = max(train.total_steps(config) if config.total_steps or config.data.num_examples
                 else 10_000, config.optimizer.warmup_steps + 1)
-    optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=steps),
+    optimizer = optim.create_optimizer(train.optimizer_config(config, task, steps),
                                        clip.abstract_params(model), arch=config.model)
     shardings = train.state_shardings(model, optimizer, mesh)
     state = jax.eval_shape(lambda: train.TrainState(
@@ -75,13 +75,22 @@ def abstract_step(config, devices):
         opt_state=optimizer.init(clip.abstract_params(model))))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, shardings)
-    size, ctx = model.config.vision.image_size, config.data.context_length
+    size = getattr(model, "crop", model.config.vision.image_size)  # a dense head's crop
+    ctx = config.data.context_length
     b = config.global_batch
     # Images and clips travel as uint8 and are normalised on the device.
     shapes = {"image": ((b, size, size, 3), jnp.uint8), "text": ((b, ctx), jnp.int32),
               "label": ((b,), jnp.int32), "frame_mask": ((b, getattr(model, "frames", 0)), bool),
-              "video": ((b, getattr(model, "frames", 0), size, size, 3), jnp.uint8)}
+              "video": ((b, getattr(model, "frames", 0), size, size, 3), jnp.uint8),
+              "mask": ((b, size, size), jnp.int32),
+              "prompts": ((b, getattr(model, "prompts", 0), ctx), jnp.int32),
+              "rng": ((b,), jnp.uint32)}
     keys = task.batch_keys(config)
+    if "prompts" in keys:
+        from clipjax.heads import groupvit
+
+        k = int(groupvit.settings(config)["multi_label"])
+        shapes["prompts"] = ((b, k, ctx), jnp.int32)
     batch = {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1],
                                      sharding=sharding.batch_sharding(mesh, len(shapes[k][0])))
              for k in keys}

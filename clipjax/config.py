@@ -149,7 +149,8 @@ def load_config(spec: str = "default", overrides: Sequence[str] = ()) -> ml_coll
             raise ValueError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-3).")
         key, text = item.split("=", 1)
         _set(config, key.strip(), text.strip())
-    if "model_overrides" in config and "model" in config:
+    if "model_overrides" in config and "model" in config and not str(
+            config.model).startswith("GroupViT-"):  # GroupViT's own variants (heads.groupvit)
         _check_model_overrides(config)
     config.lock()
     return config

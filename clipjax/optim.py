@@ -42,7 +42,13 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip_norm": 1.0,
     "freeze": (),  # regexes; matching parameters get no update and no optimizer state
     "lr_multipliers": (),  # {regex: multiplier} or [(regex, multiplier), ...]; first match wins
+    "name": "adamw",  # adamw | sgd (momentum, torch's coupled weight decay: LSeg)
+    "momentum": 0.9,  # sgd only
+    "schedule": "cosine",  # cosine | poly (lr * (1 - step / total_steps) ** power: LSeg)
+    "power": 0.9,  # poly only
 }
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly")
 
 # (b1, b2, eps): OpenCLIP's recommendation for ViTs; ResNets keep Adam's usual values.
 VIT_ADAM = (0.9, 0.98, 1e-6)
@@ -170,12 +176,27 @@ def resolve_config(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dic
     if isinstance(c["freeze"], str):
         raise ValueError(f"freeze={c['freeze']!r} is a string; give a list of patterns, "
                          f"e.g. [{c['freeze']!r}].")
+    if c["name"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={c['name']!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    if c["schedule"] not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={c['schedule']!r}; choose one of "
+                         f"{', '.join(SCHEDULES)}.")
     return c
 
 
 def lr_schedule(config) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then a cosine to `lr * end_lr_ratio` at `total_steps`."""
+    """Linear warmup from 0 to `lr`, then a cosine to `lr * end_lr_ratio` at `total_steps`
+    (or, with schedule="poly", PyTorch-Encoding's lr * (1 - step / total) ** power)."""
     c = resolve_config(config)
+    if c["schedule"] == "poly":
+        total, warm, power, lr = c["total_steps"], c["warmup_steps"], c["power"], c["lr"]
+
+        def poly(step):
+            step = jnp.asarray(step, jnp.float32)
+            decay = lr * jnp.power(jnp.maximum(1.0 - step / total, 0.0), power)
+            return jnp.where(step < warm, lr * step / max(warm, 1), decay)
+
+        return poly
     # Step 0 has lr 0 (big_vision's convention); OpenCLIP's warmup runs one step ahead.
     return optax.warmup_cosine_decay_schedule(0.0, c["lr"], c["warmup_steps"], c["total_steps"],
                                               c["lr"] * c["end_lr_ratio"])
@@ -207,8 +228,12 @@ def create_optimizer(config, params, arch: str | None = None) -> optax.GradientT
     labels = jax.tree.map(lambda keep: "trainable" if keep else "frozen",
                           trainable_mask(params, c["freeze"]))
     clip = c["grad_clip_norm"]
-    adamw = optax.adamw(lr_schedule(c), b1, b2, eps, weight_decay=c["weight_decay"],
-                        mask=weight_decay_mask(params))
+    if c["name"] == "sgd":  # torch's SGD: the decay joins the gradient before the momentum
+        adamw = optax.chain(optax.add_decayed_weights(c["weight_decay"], weight_decay_mask(params)),
+                            optax.sgd(lr_schedule(c), momentum=c["momentum"] or None))
+    else:
+        adamw = optax.adamw(lr_schedule(c), b1, b2, eps, weight_decay=c["weight_decay"],
+                            mask=weight_decay_mask(params))
     return optax.chain(
         # Clipping inside the partition sees only the trainable gradients, and frozen
         # leaves get no Adam moments (a MaskedNode in their place).

@@ -142,6 +142,7 @@ def make_train_step(model, optimizer, mesh: Mesh, shardings: TrainState, *,
         model = model.clone(unroll=True)  # see layers.Transformer: an XLA:CPU deadlock
     if task is not None and task.name != "clip":
         encode, loss_fn, ndim = task.encode(model), task.loss(model, config, mesh), task.batch_ndim
+        bn_train = task.batch_stats(model)
     else:
         loss_fn, ndim = clip_loss(loss, mesh, **(loss_options or {})), BATCH_NDIM
         encode = _clip_encode_with_stats(model, bn_train)
@@ -325,7 +326,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     if main:
         runlog.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
-    optimizer = optim.create_optimizer(dict(config.optimizer, total_steps=steps),
+    optimizer = optim.create_optimizer(optimizer_config(config, task, steps),
                                        clip.abstract_params(train_model), arch=config.model)
     shardings = state_shardings(train_model, optimizer, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
@@ -357,7 +358,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     encoders = task.make_encoders(eval_model, mesh) if evaluators else None
     flops_per_example = clip.train_flops(train_model, config.global_batch) / config.global_batch
     peak = peak_flops_per_device(config.dtype) * jax.device_count()
-    schedule = optim.lr_schedule(dict(config.optimizer, total_steps=steps))
+    schedule = optim.lr_schedule(optimizer_config(config, task, steps))
 
     log = runlog.RunLog(workdir, start=start, steps=steps, main=main)
     if resumed is not None:
@@ -439,6 +440,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     return last
 
 
+def optimizer_config(config, task, steps: int) -> dict:
+    """config.optimizer with the run's length and the task's frozen parameters added."""
+    c = dict(config.optimizer, total_steps=steps)
+    if task.frozen:
+        c["freeze"] = tuple(c.get("freeze") or ()) + tuple(
+            p for p in task.frozen if p not in (c.get("freeze") or ()))
+    return c
+
+
 def _stop_on_nan(ckpt: checkpoint.Checkpointer, unconfirmed: int | None, loss: float,
                  step: int) -> None:
     """Drops a checkpoint whose loss came out non-finite, then stops the run."""
@@ -472,7 +482,7 @@ def _load_init(state: TrainState, config, model=None) -> tuple[TrainState, set[s
         fit := weights.fit_layout(loaded.params, config.scan))), jax.tree.leaves(fit)))
     paths = optim.param_paths(state.params)
     clip_paths = None
-    if model is not None and type(model) is not clip.CLIP:
+    if model is not None and isinstance(model, clip.CLIP) and type(model) is not clip.CLIP:
         plain = clip.CLIP(model.config, scan=model.scan)
         clip_paths = set(jax.tree.leaves(optim.param_paths(clip.abstract_params(plain))))
     wanted = [(p, x) for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(state.params))

@@ -39,17 +39,36 @@ class Weights:
 
     params: dict  # NumPy, unscanned layout
     arch: str  # the architecture's name, e.g. "ViT-B-32-quickgelu"
-    model_config: variants.ClipConfig  # the name's config with any overrides applied
+    # The name's config with any overrides applied; None for a head with its own image
+    # tower (GroupViT), whose training config (`config`) describes it.
+    model_config: variants.ClipConfig | None
     source: str  # where they came from, for reports
     config: dict | None = None  # the training config, when a clipjax run made them
 
     @property
     def description(self) -> str:
         """The name, plus the fields where the model differs from it."""
+        if self.model_config is None:
+            return self.arch
         return variants.describe(self.arch, self.model_config)
 
     def model(self, **kwargs) -> CLIP:
+        if self.model_config is None:
+            raise ValueError(f"{self.source} holds a {self.arch} model, not CLIP; use it with "
+                             "the commands of its task (clipjax segment, eval segmentation).")
         return create_model(self.model_config, **kwargs)
+
+
+def own_architecture(name: str) -> bool:
+    """Whether `name` is a head's own architecture rather than a CLIP variant (GroupViT)."""
+    return name.startswith("GroupViT-")
+
+
+def _arch_config(name: str, overrides: dict | None = None) -> variants.ClipConfig | None:
+    if own_architecture(name):
+        return None
+    config = variants.get_config(name)
+    return variants.with_overrides(config, overrides) if overrides else config
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,9 +143,7 @@ def _from_workdir(path: Path, step: int | None, arch: str | None) -> Weights:
     if arch is not None and arch != name:
         raise ValueError(f"{workdir} trains {name} but --arch says {arch}; drop --arch (a "
                          "workdir records its architecture).")
-    model_config = variants.get_config(name)
-    if identity.get("model_overrides"):
-        model_config = variants.with_overrides(model_config, identity["model_overrides"])
+    model_config = _arch_config(name, identity.get("model_overrides"))
     params = _canonical(_restore_params(step_dir))
     config_file = workdir / CONFIG_FILE
     config = json.loads(config_file.read_text()) if config_file.is_file() else None
@@ -153,7 +170,7 @@ def _recorded_config(meta: dict, arch: str) -> variants.ClipConfig:
     recorded = meta.get("model_config")
     if recorded:
         return variants.from_dict(json.loads(recorded) if isinstance(recorded, str) else recorded)
-    return variants.get_config(arch)
+    return _arch_config(arch)
 
 
 def _from_clipjax_file(path: Path, arch: str | None) -> Weights:
@@ -251,10 +268,7 @@ def fingerprint(params) -> str:
 
 def from_params(params, config, source: str) -> Weights:
     """The Weights of a training config's model (`config`: the run's ConfigDict)."""
-    model_config = variants.get_config(config.model)
-    overrides = config.model_overrides.to_dict()
-    if overrides:
-        model_config = variants.with_overrides(model_config, overrides)
+    model_config = _arch_config(config.model, config.model_overrides.to_dict())
     return Weights(_canonical(params), config.model, model_config, source,
                    json.loads(config.to_json_best_effort()))
 
@@ -292,8 +306,9 @@ def write(weights: Weights, out: str | os.PathLike, to: str = "clipjax") -> list
     if to not in LAYOUTS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(LAYOUTS)}.")
     out = Path(out)
-    meta: dict[str, Any] = {"arch": weights.arch, "source": weights.source,
-                            "model_config": variants.to_dict(weights.model_config)}
+    meta: dict[str, Any] = {"arch": weights.arch, "source": weights.source}
+    if weights.model_config is not None:
+        meta["model_config"] = variants.to_dict(weights.model_config)
     if weights.config is not None:
         meta["config"] = weights.config
     if to == "clipjax":

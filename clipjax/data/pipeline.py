@@ -266,7 +266,7 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
                   open_shards: int = 4, read_threads: int = 4,
                   max_consecutive_skips: int = 10_000,
                   image_dtype: str = "float32",
-                  on_skip: SkipHandler | None = None) -> DataIterator:
+                  on_skip: SkipHandler | None = None, prompts: int = 0) -> DataIterator:
     """The host-local batch iterator over one source or a weighted mixture.
 
     `data` is a spec, a Source, or several: a list, or specs joined by ";" in one string
@@ -278,7 +278,9 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
     move; the train step normalises uint8 on the device); normalize() of them is exactly
     the float32 batch. An evaluation pass over a random-access source also gives "index"
     int64 [b], each row's record index in the source. `on_skip(key, reason, detail)` is
-    called for every skipped sample, after it is logged and counted.
+    called for every skipped sample, after it is logged and counted. `prompts` > 0 adds
+    GroupViT's multi-label prompts, "prompts" int32 [b, prompts, context_length]: nouns of
+    the caption (an offline tagger) in random ImageNet templates, the rest the caption.
     """
     if image_dtype not in ("float32", "uint8"):
         raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}.")
@@ -317,7 +319,8 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
                     process_count=process_count)
         prepare = stages.Prepare(image_size=image_size, train=train,
                                  context_length=context_length, has_text=has_text,
-                                 has_label=has_label, max_pixels=s.max_pixels, index=with_index)
+                                 has_label=has_label, max_pixels=s.max_pixels, index=with_index,
+                                 prompts=prompts if has_text else 0)
         if s.random_access:
             # Prepared on the read threads: PIL decodes and resizes without holding the GIL,
             # so an evaluation pass without worker processes still uses several cores.
@@ -342,6 +345,11 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
         empty["label"] = np.zeros((0,), np.int32)
     if with_index:
         empty["index"] = np.zeros((0,), np.int64)
+    if prompts and has_text:
+        empty["prompts"] = np.zeros((0, prompts, context_length), np.int32)
+    elif prompts:
+        raise ValueError(f"prompts={prompts} needs captions, but {srcs[0].spec!r} gives none; use "
+                         "an image-caption source (wds:, csv:, folder:).")
     ds = in_workers(stages.Batch(ds, batch_size, empty, shared_memory=num_workers > 0),
                     num_workers)
     config = {"sources": [s.spec for s in srcs], "weights": weights, "seed": seed,
@@ -350,6 +358,8 @@ def make_iterator(data: "str | Source | Sequence[str | Source]", *, global_batch
               "num_workers": num_workers, "image_size": image_size,
               "context_length": context_length, "shuffle_window": shuffle_window,
               "open_shards": open_shards, "image_dtype": image_dtype}
+    if prompts:  # recorded only when used: older saved states still resume
+        config["prompts"] = prompts
     class_names = srcs[0].class_names if len(srcs) == 1 else None
     return DataIterator(ds, batch_size=batch_size, config=json.loads(json.dumps(config)),
                         class_names=class_names, max_consecutive_skips=max_consecutive_skips,

@@ -239,10 +239,11 @@ class Prepare:
     """
 
     def __init__(self, *, image_size: int, train: bool, context_length: int, has_text: bool,
-                 has_label: bool, max_pixels: int, index: bool = False):
+                 has_label: bool, max_pixels: int, index: bool = False, prompts: int = 0):
         self.image_size, self.train, self.context_length = image_size, train, context_length
         self.has_text, self.has_label, self.max_pixels = has_text, has_label, max_pixels
         self.index = index
+        self.prompts = prompts  # > 0: GroupViT's prompts from the caption's nouns [P, L]
 
     def __call__(self, record: dict) -> dict:
         if record.get("skip"):
@@ -256,8 +257,17 @@ class Prepare:
                     if not text:
                         raise BadSample("missing_caption", "no captions")
                     text = text[int(rng.integers(len(text)))] if rng is not None else text[0]
-                out["text"] = default_tokenizer()(sources_lib.caption_text(text),
-                                                  self.context_length)[0]
+                caption = sources_lib.caption_text(text)
+                out["text"] = default_tokenizer()(caption, self.context_length)[0]
+                if self.prompts:
+                    from clipjax.evals import prompts as templates
+                    from clipjax.heads import nouns
+
+                    prng = rng if rng is not None else np.random.default_rng(record.get("index", 0))
+                    out["prompts"] = default_tokenizer()(
+                        nouns.multi_label_prompts(caption, self.prompts, prng,
+                                                  templates.openai_imagenet_templates()),
+                        self.context_length)
             if self.has_label:
                 out["label"] = np.int32(record["label"])
             if self.index:

@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-TASKS = ("clip", "clip4clip", "actionclip")
+TASKS = ("clip", "clip4clip", "actionclip", "lseg", "groupvit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Task:
     derive: Callable[[Any, Any, set], Any]
     identity: Callable[[Any], dict]  # recorded in a workdir; a resume must match it
     next_command: Callable[[Any, str], str]  # printed after a finished run
+    frozen: tuple[str, ...] = ()  # parameter regexes the optimizer never updates (LSeg's text)
+    # (model) -> whether encode also returns BatchNorm batch statistics to fold in
+    batch_stats: Callable[[Any], bool] = lambda model: False
 
 
 def get_task(config_or_name) -> Task:
@@ -49,6 +52,10 @@ def get_task(config_or_name) -> Task:
         from clipjax import train
 
         return train.CLIP_TASK
+    if name in ("lseg", "groupvit"):
+        from clipjax.heads import dense
+
+        return dense.task(importlib.import_module(f"clipjax.heads.{name}"), name)
     from clipjax.heads import video
 
     return video.task(importlib.import_module(f"clipjax.heads.{name}"), name)

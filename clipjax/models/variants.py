@@ -56,6 +56,7 @@ VARIANTS: dict[str, ClipConfig] = {
     "ViT-B-32": ClipConfig(512, _V(224, 12, 768, 32), _T(512, 8, 12)),
     "ViT-B-16": ClipConfig(512, _V(224, 12, 768, 16), _T(512, 8, 12)),
     "ViT-L-14": ClipConfig(768, _V(224, 24, 1024, 14), _T(768, 12, 12)),
+    "ViT-L-16": ClipConfig(768, _V(224, 24, 1024, 16), _T(768, 12, 12)),  # OpenCLIP's; LSeg's L/16
     "ViT-L-14-336": ClipConfig(768, _V(336, 24, 1024, 14), _T(768, 12, 12)),
     "ViT-H-14": ClipConfig(1024, _V(224, 32, 1280, 14, head_width=80), _T(1024, 16, 24)),
     "ViT-g-14": ClipConfig(1024, _V(224, 40, 1408, 14, head_width=88, mlp_ratio=4.3637),

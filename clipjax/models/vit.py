@@ -8,6 +8,14 @@ from clipjax.models import layers
 from clipjax.models.layers import CONV_IN, CONV_SPATIAL, EMBED, JOINT, POSITIONS, Dtype
 
 
+def resize_positions(pos_ND: jax.Array, grid: int, new: tuple[int, int]) -> jax.Array:
+    """Class position + the grid x grid positions resized bilinearly (half-pixel centres,
+    no antialiasing: torch's interpolate(mode="bilinear"), as DPT) to `new` (Y, X)."""
+    grid_YXD = pos_ND[1:].reshape(grid, grid, -1).astype(jnp.float32)
+    out_YXD = jax.image.resize(grid_YXD, (*new, grid_YXD.shape[-1]), "bilinear", antialias=False)
+    return jnp.concatenate([pos_ND[:1], out_YXD.reshape(new[0] * new[1], -1).astype(pos_ND.dtype)])
+
+
 class VisionTransformer(nn.Module):
     """Images [B, H, W, 3] -> embeddings [B, E]; optionally every block's tokens."""
 
@@ -28,12 +36,18 @@ class VisionTransformer(nn.Module):
     shift: bool = False  # ActionCLIP's temporal shift (TSM) before every block
     patch_3d: bool = False  # CLIP4Clip's 3D linear patch: a (3, p, p) kernel over time
     joint: bool = False  # ActionCLIP's "joint": one sequence of every frame's patches
+    # Dense heads (LSeg): any size the patch divides; the position grid is resized
+    # bilinearly to it, as DPT does, so CLIP's weights load unchanged.
+    any_size: bool = False
 
     @nn.compact
     def __call__(self, img_BHWC: jax.Array, return_features: bool = False):
         b, h, w, c = img_BHWC.shape
         p, d = self.patch_size, self.width
-        if (h, w) != (self.image_size, self.image_size):
+        if self.any_size and (h % self.patch_size or w % self.patch_size):
+            raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size "
+                             f"{self.patch_size}; crop or pad to a multiple of it.")
+        if (h, w) != (self.image_size, self.image_size) and not self.any_size:
             raise ValueError(f"This ViT takes {self.image_size}x{self.image_size} images but got "
                              f"{h}x{w}; resize with clipjax.data.transforms.preprocess(..., "
                              f"size={self.image_size}).")
@@ -49,8 +63,11 @@ class VisionTransformer(nn.Module):
             x_BND = self._patch_3d(patches_BNP, d, c)
 
         cls_D = layers.param_with_axes(self, "class_embedding", normal, (d,), (EMBED,))
+        g = self.image_size // p
         pos_ND = layers.param_with_axes(self, "positional_embedding", normal,
-                                        ((h // p) * (w // p) + 1, d), (POSITIONS, EMBED))
+                                        (g * g + 1, d), (POSITIONS, EMBED))
+        if (h // p, w // p) != (g, g):
+            pos_ND = resize_positions(pos_ND, g, (h // p, w // p))
         cls_B1D = jnp.broadcast_to(cls_D.astype(self.dtype), (b, 1, d))
         x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1) + pos_ND.astype(self.dtype)
         if self.joint:

@@ -1,0 +1,370 @@
+"""LSeg (Li et al., 2022): language-driven semantic segmentation on CLIP's towers.
+
+The ViT image tower is tapped at four blocks; DPT's reassemble ("pretrained": readout
+projection, 1x1 convolutions, resampling to 1/4 ... 1/32) and refinement fusion ("scratch":
+residual conv units with BatchNorm, bilinear x2 with aligned corners) give per-pixel
+embeddings at half the input size, scored against the frozen text tower's embeddings of
+any label list by a fixed 1/0.07 x cosine, then upsampled x2. Trained by per-pixel
+cross-entropy (ignored pixels left out) with SGD and a poly schedule, the decoder at 10x.
+
+The reference starts its image tower from an ImageNet ViT and takes only CLIP's text
+tower; here both towers come from one CLIP checkpoint (init_checkpoint).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipjax.models import layers
+from clipjax.models.clip import CLIP, _normalize
+from clipjax.models.layers import CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, MLP, Dtype
+from clipjax.models.resnet import BatchNorm
+
+DEFAULTS = {"features": 256, "hooks": (), "readout_dims": (), "template": "{}",
+            "base_size": 520, "eval_mode": "slide", "eval_scales": (1.0,), "eval_flip": False,
+            "train_words": "canonical"}
+LOGIT_SCALE = 1 / 0.07  # fixed in the reference: nn.Parameter(log(1/0.07)).exp() is a tensor
+FROZEN = ("^text/", "^logit_scale$", "^visual/ln_post/", "^visual/proj$")
+BATCH_NDIM = {"image": 4, "mask": 3}
+IGNORE = -1
+BATCH_STATS = True  # the decoder's BatchNorm folds batch statistics in training
+
+
+def default_hooks(depth: int) -> tuple[int, ...]:
+    """The tapped blocks: DPT's (2, 5, 8, 11) for 12 blocks, (5, 11, 17, 23) for 24; evenly
+    spaced, ending at the last block, for other depths."""
+    return tuple(max(0, round((i + 1) * depth / 4) - 1) for i in range(4))
+
+
+def default_readout_dims(width: int) -> tuple[int, ...]:
+    """DPT's reassemble widths: ViT-L [256, 512, 1024, 1024], ViT-B [96, 192, 384, 768];
+    smaller towers scale ViT-B's by their width."""
+    if width >= 1024:
+        return (256, 512, 1024, 1024)
+    return tuple(max(8, width * k // 8) for k in (1, 2, 4, 8))
+
+
+class Conv(nn.Module):
+    """A 2D convolution with k // 2 padding (stride 1 or 2) and an optional bias."""
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x_BYXC.shape[-1]
+        kernel = layers.param_with_axes(
+            self, "kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+            (k, k, c, self.features), (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
+        if k == 1 and self.stride == 1:
+            y = layers.einsum("byxc,cf->byxf", x_BYXC, kernel[0, 0], self.dtype)
+        else:
+            pad = k // 2
+            y = jax.lax.conv_general_dilated(
+                x_BYXC.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
+                [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32).astype(self.dtype)
+        if self.use_bias:
+            y = y + layers.param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                           (CONV_OUT,)).astype(y.dtype)
+        return y
+
+
+class ConvTranspose(nn.Module):
+    """A transposed convolution with kernel = stride = `factor` (no overlap): every input
+    pixel becomes a factor x factor block, as DPT's ConvTranspose2d(k=s, p=0)."""
+
+    features: int
+    factor: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
+        b, y, x, c = x_BYXC.shape
+        f = self.factor
+        kernel = layers.param_with_axes(
+            self, "kernel", nn.initializers.lecun_normal(in_axis=2, out_axis=3),
+            (f, f, c, self.features), (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
+        bias = layers.param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                      (CONV_OUT,))
+        out = layers.einsum("byxc,ijcf->byixjf", x_BYXC, kernel, self.dtype)
+        return out.reshape(b, y * f, x * f, self.features) + bias.astype(out.dtype)
+
+
+def _aligned_matrix(n: int, m: int) -> np.ndarray:
+    """[m, n] bilinear interpolation weights from n to m samples with aligned corners."""
+    pos = np.arange(m) * ((n - 1) / max(m - 1, 1))
+    lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    w = np.zeros((m, n), np.float32)
+    np.add.at(w, (np.arange(m), lo), 1 - (pos - lo))
+    np.add.at(w, (np.arange(m), hi), pos - lo)
+    return w
+
+
+def resize_aligned(x_BYXC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch's interpolate(mode="bilinear", align_corners=True) as two small matmuls."""
+    wy = jnp.asarray(_aligned_matrix(x_BYXC.shape[1], size[0]))
+    wx = jnp.asarray(_aligned_matrix(x_BYXC.shape[2], size[1]))
+    out = jnp.einsum("Yy,byxc->bYxc", wy, x_BYXC.astype(jnp.float32))
+    return jnp.einsum("Xx,byxc->byXc", wx, out).astype(x_BYXC.dtype)
+
+
+class Reassemble(nn.Module):
+    """DPT's act_postprocess1-4 (readout "project"): tokens of four blocks -> maps at 4x,
+    2x, 1x and 1/2x the patch grid, widths `dims`."""
+
+    dims: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, taps: list[jax.Array], grid: tuple[int, int]) -> list[jax.Array]:
+        out = []
+        for i, (x_BND, dim) in enumerate(zip(taps, self.dims)):
+            b, n, d = x_BND.shape
+            cls_BND = jnp.broadcast_to(x_BND[:, :1], (b, n - 1, d))
+            y_BND = layers.Dense(d, (MLP, EMBED), dtype=self.dtype, activation=layers.exact_gelu,
+                                 name=f"readout_{i}")(jnp.concatenate([x_BND[:, 1:], cls_BND], -1))
+            y_BYXC = Conv(dim, 1, dtype=self.dtype, name=f"conv_{i}")(y_BND.reshape(b, *grid, d))
+            if i == 0:
+                y_BYXC = ConvTranspose(dim, 4, self.dtype, name=f"resample_{i}")(y_BYXC)
+            elif i == 1:
+                y_BYXC = ConvTranspose(dim, 2, self.dtype, name=f"resample_{i}")(y_BYXC)
+            elif i == 3:
+                y_BYXC = Conv(dim, 3, 2, dtype=self.dtype, name=f"resample_{i}")(y_BYXC)
+            out.append(y_BYXC)
+        return out
+
+
+class ResidualConvUnit(nn.Module):
+    """relu -> conv3x3 -> BN -> relu -> conv3x3 -> BN, plus the input."""
+
+    train: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
+        c = x_BYXC.shape[-1]
+        y = Conv(c, 3, use_bias=False, dtype=self.dtype, name="conv1")(nn.relu(x_BYXC))
+        y = BatchNorm(self.train, name="bn1")(y)
+        y = Conv(c, 3, use_bias=False, dtype=self.dtype, name="conv2")(nn.relu(y))
+        return BatchNorm(self.train, name="bn2")(y) + x_BYXC
+
+
+class Fusion(nn.Module):
+    """DPT's "scratch": 3x3 convs to `features`, four refinement blocks (each adds the next
+    finer map through a residual unit, refines, upsamples x2 with aligned corners and mixes
+    by a 1x1 conv), and head1 to the embedding width."""
+
+    features: int
+    out_dim: int
+    train: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, maps: list[jax.Array]) -> jax.Array:
+        f = self.features
+        rn = [Conv(f, 3, use_bias=False, dtype=self.dtype, name=f"layer{i + 1}_rn")(m)
+              for i, m in enumerate(maps)]
+        path = None
+        for i in (3, 2, 1, 0):
+            x = rn[i]
+            if path is not None:
+                unit = ResidualConvUnit(self.train, self.dtype, name=f"refinenet{i + 1}_unit1")
+                x = path[:, :x.shape[1], :x.shape[2]] + unit(x)
+            x = ResidualConvUnit(self.train, self.dtype, name=f"refinenet{i + 1}_unit2")(x)
+            x = resize_aligned(x, (2 * x.shape[1], 2 * x.shape[2]))
+            path = Conv(f, 1, dtype=self.dtype, name=f"refinenet{i + 1}_out")(x)
+        return Conv(self.out_dim, 1, dtype=self.dtype, name="head1")(path)
+
+
+class LSeg(CLIP):
+    """CLIP's towers with DPT's decoder on the image side."""
+
+    crop: int = 480
+    features: int = 256
+    hooks: tuple[int, ...] = ()
+    readout_dims: tuple[int, ...] = ()
+
+    def video_options(self) -> dict:
+        return {"any_size": True}  # DPT resizes the position grid to the crop
+
+    def setup(self):
+        super().setup()
+        v = self.config.vision
+        if v.is_resnet:
+            raise ValueError("LSeg taps a ViT image tower's blocks; choose a ViT model.")
+        hooks = self.hooks or default_hooks(v.layers)
+        if len(hooks) != 4 or not all(0 <= h < v.layers for h in hooks):
+            raise ValueError(f"head.hooks={tuple(hooks)}: give four block indices below {v.layers}.")
+        self.pretrained = Reassemble(tuple(self.readout_dims or default_readout_dims(v.width)),
+                                     self.dtype)
+        self.scratch = Fusion(self.features, self.config.embed_dim, self.train, self.dtype)
+
+    def pixel_embeddings(self, img_BHWC: jax.Array) -> jax.Array:
+        """L2-normalised embeddings [B, H/2, W/2, E] of normalised float images."""
+        v = self.config.vision
+        h, w = img_BHWC.shape[1:3]
+        _, feats = self.visual(img_BHWC, return_features=True)
+        blocks_LBND = feats["blocks"]
+        taps = [blocks_LBND[i] for i in (self.hooks or default_hooks(v.layers))]
+        maps = self.pretrained(taps, (h // v.patch_size, w // v.patch_size))
+        return _normalize(self.scratch(maps))
+
+    def label_embeddings(self, tokens_CL: jax.Array) -> jax.Array:
+        return self.encode_text(tokens_CL, normalize=True)
+
+    def __call__(self, img_BHWC: jax.Array, tokens_CL: jax.Array) -> jax.Array:
+        return pixel_logits(self.pixel_embeddings(img_BHWC), self.label_embeddings(tokens_CL),
+                            img_BHWC.shape[1:3])
+
+    def example_inputs(self, batch: int = 1) -> tuple:
+        return (jnp.zeros((batch, self.crop, self.crop, 3), jnp.float32),
+                jnp.zeros((2, self.config.text.context_length), jnp.int32))
+
+
+def pixel_logits(pix_BYXE: jax.Array, labels_CE: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """[B, H, W, C]: 1/0.07 x cosine at half resolution, upsampled x2 with aligned corners
+    (and on to `size` for towers whose grid is not 1/16 of the input)."""
+    logits = LOGIT_SCALE * jnp.einsum("byxe,ce->byxc", pix_BYXE, labels_CE.astype(jnp.float32))
+    return resize_aligned(logits, tuple(size)) if logits.shape[1:3] != tuple(size) else logits
+
+
+def cross_entropy(logits_BHWC: jax.Array, mask_BHW: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean per-pixel cross-entropy over the labelled pixels (mask == IGNORE left out)."""
+    valid = mask_BHW != IGNORE
+    logp = jax.nn.log_softmax(logits_BHWC.astype(jnp.float32), axis=-1)
+    target = jnp.where(valid, mask_BHW, 0)
+    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    count = jnp.maximum(jnp.sum(valid), 1)
+    loss = jnp.sum(jnp.where(valid, nll, 0.0)) / count
+    acc = jnp.sum(valid & (jnp.argmax(logits_BHWC, -1) == mask_BHW)) / count
+    return loss, {"pixel_accuracy": acc}
+
+
+# --- The task --------------------------------------------------------------------------
+
+
+def settings(config) -> dict:
+    from clipjax.heads import video
+
+    return video.head_settings(config, DEFAULTS, "lseg")
+
+
+def build_models(config):
+    from clipjax.heads import video
+
+    s = settings(config)
+    model = video.build_model(LSeg, config, "LSeg", crop=config.data.image_size,
+                              features=int(s["features"]), hooks=tuple(s["hooks"]),
+                              readout_dims=tuple(s["readout_dims"]))
+    return model.clone(train=True), model
+
+
+def encode(model: LSeg):
+    """Pixel embeddings of {"image"}; in training also the decoder's batch statistics."""
+    from clipjax.train import device_images
+
+    def fn(params, batch):
+        img = device_images(batch["image"])
+        if model.train:
+            pix, stats = model.apply({"params": params}, img, method="pixel_embeddings",
+                                     mutable=["batch_stats"])
+            return pix, stats["batch_stats"]
+        return model.apply({"params": params}, img, method="pixel_embeddings")
+
+    return fn
+
+
+def label_tokens(names, context_length: int, template: str = "{}") -> np.ndarray:
+    from clipjax.tokenizer import tokenize
+
+    return tokenize([template.format(n) for n in names], context_length)
+
+
+def loss(model: LSeg, config, mesh):
+    """Per-pixel cross-entropy over the training label list (the frozen text tower's
+    embeddings of it, computed in the step without a gradient)."""
+    from clipjax.heads import dense
+
+    tokens_CL = jnp.asarray(label_tokens(dense.train_classnames(config),
+                                         model.config.text.context_length,
+                                         settings(config)["template"]))
+
+    def fn(params, pix_BYXE, batch):
+        labels_CE = model.apply({"params": jax.lax.stop_gradient(params)}, tokens_CL,
+                                method="label_embeddings")
+        return cross_entropy(pixel_logits(pix_BYXE, labels_CE, batch["mask"].shape[1:3]),
+                             batch["mask"])
+
+    return fn
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    return ("image", "mask")
+
+
+def scorer(model: LSeg, template: str = "{}"):
+    """(embed_labels(params, names) -> [C, E], scores(params, uint8 images, labels) -> logits
+    [B, H, W, C]) for evaluation and `clipjax segment`."""
+    from clipjax.train import device_images
+
+    embed = jax.jit(lambda p, t: model.apply({"params": p}, t, method="label_embeddings"))
+
+    def embed_labels(params, names, **_):
+        return embed(params, jnp.asarray(label_tokens(names, model.config.text.context_length,
+                                                      template)))
+
+    def scores(params, img_BHWC, labels_CE):
+        pix = model.apply({"params": params}, device_images(img_BHWC), method="pixel_embeddings")
+        return pixel_logits(pix, labels_CE, img_BHWC.shape[1:3])
+
+    return embed_labels, scores
+
+
+SEGMENT_OPTIONS = dict(template="{}")
+EXAMPLE_SOURCE = "ade20k:/data/ADEChallengeData2016?split=training"
+
+
+def synthetic_options(config) -> dict:
+    return {"fields": ("image", "mask")}
+
+
+def real_data(config):
+    from clipjax.data import segmentation
+
+    s = settings(config)
+    return segmentation.make_seg_iterator(
+        config.data.source, global_batch_size=config.global_batch,
+        crop_size=config.data.image_size, base_size=int(s["base_size"]), train=True,
+        seed=config.seed, num_workers=config.data.num_workers)
+
+
+def evaluators(config, dataset, spec: str, options: dict) -> dict:
+    """The split scored with its own label words; on the built-in images also with
+    synonyms LSeg never trained with ("disc" for circle, "hoop" for ring, ...)."""
+    from clipjax.heads import dense
+
+    synthetic = dense.is_synthetic(spec)
+    if synthetic:
+        from clipjax.data import synthetic_seg
+    names = synthetic_seg.label_words("canonical") if synthetic else dataset.classnames
+    out = {"seg": dense.evaluator(dataset, names, "seg", options)}
+    if synthetic:
+        out["seg_synonyms"] = dense.evaluator(dataset, synthetic_seg.label_words("synonym"),
+                                              "seg_synonyms", options)
+    return out
+
+
+def next_command(config, workdir: str) -> str:
+    data = config.eval.get("segmentation") or "synthetic"
+    return f"clipjax eval segmentation --checkpoint {workdir} --dataset {data}"
+
+
+def output_names(labels: list[str]) -> list[str]:
+    """The classes a segmentation with `labels` assigns: the labels themselves."""
+    return list(labels)
