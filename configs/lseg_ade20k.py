@@ -32,7 +32,8 @@ def get_config(arg=None):
     c.model = {"l16": "ViT-L-16", "b16": "ViT-B-16"}[variant]
     c.head = ml_collections.ConfigDict(dict(
         features=256, hooks=(), readout_dims=(), template="{}", base_size=520,
-        eval_mode="slide", eval_scales=(1.0,), eval_flip=False, train_words="canonical"))
+        eval_mode="slide", eval_scales=(1.0,), eval_flip=False, train_words="canonical",
+        held_out_classes=()))
     c.init_checkpoint = ""  # required: a CLIP checkpoint of c.model (weights or a workdir)
     c.dtype = "bfloat16"
     c.scan, c.remat = False, "full"  # the taps read every block's output

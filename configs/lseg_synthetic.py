@@ -20,7 +20,8 @@ def get_config(arg=None):
     c.task = "lseg"
     c.head = ml_collections.ConfigDict(dict(
         features=32, hooks=(), readout_dims=(), template="{}", base_size=64,
-        eval_mode="whole", eval_scales=(1.0,), eval_flip=False, train_words="canonical"))
+        eval_mode="whole", eval_scales=(1.0,), eval_flip=False, train_words="canonical",
+        held_out_classes=()))  # e.g. ("diamond", "ring"): LSeg's zero-shot setting
     c.init_checkpoint = "clipjax-default"  # the default run's CLIP (its towers, its text)
     c.global_batch = 32
     c.total_steps = 600

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from clipjax import losses
 from clipjax.heads import groupvit, nouns
+from clipjax.models import grouping
 
 TINY = groupvit.get_variant("GroupViT-tiny")
 
@@ -52,13 +53,13 @@ def _unit(x):
 def test_hard_assignment_is_one_hot_over_groups_with_the_soft_gradient():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 7))  # [B, groups, tokens]
     noise = jax.random.gumbel(jax.random.key(1), logits.shape)
-    y = np.asarray(groupvit.hard_assign(logits, noise))
+    y = np.asarray(grouping.hard_assign(logits, noise))
     np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-6)  # every token, one group
     assert np.all(np.isclose(y, 0.0, atol=1e-6) | np.isclose(y, 1.0, atol=1e-6))
     np.testing.assert_array_equal(y.argmax(1), np.asarray(logits + noise).argmax(1))
 
     w = jax.random.normal(jax.random.key(2), logits.shape)
-    g_hard = jax.grad(lambda l: jnp.sum(w * groupvit.hard_assign(l, noise)))(logits)
+    g_hard = jax.grad(lambda l: jnp.sum(w * grouping.hard_assign(l, noise)))(logits)
     g_soft = jax.grad(lambda l: jnp.sum(w * jax.nn.softmax(l + noise, axis=1)))(logits)
     np.testing.assert_allclose(g_hard, g_soft, atol=1e-6)
     assert np.abs(np.asarray(g_hard)).max() > 1e-3  # a real gradient, not zero
@@ -92,16 +93,16 @@ def test_training_assigns_every_token_to_one_group_with_gumbel_noise():
 
 def test_row_noise_depends_only_on_its_row_seed_and_the_stage():
     seeds = jnp.asarray([7, 11, 7, 3], jnp.int32)
-    full = np.asarray(groupvit.row_gumbel(seeds, 0, (3, 4)))
-    np.testing.assert_array_equal(full[1:3], np.asarray(groupvit.row_gumbel(seeds[1:3], 0, (3, 4))))
+    full = np.asarray(grouping.row_gumbel(seeds, 0, (3, 4)))
+    np.testing.assert_array_equal(full[1:3], np.asarray(grouping.row_gumbel(seeds[1:3], 0, (3, 4))))
     np.testing.assert_array_equal(full[0], full[2])
-    assert not np.allclose(full[0], np.asarray(groupvit.row_gumbel(seeds, 1, (3, 4)))[0])
+    assert not np.allclose(full[0], np.asarray(grouping.row_gumbel(seeds, 1, (3, 4)))[0])
 
 
 @pytest.mark.parametrize("name", ["GroupViT-tiny", "GroupViT-S/16"])
 def test_each_stage_leaves_as_many_tokens_as_its_output_groups(name):
     v = groupvit.get_variant(name).vision
-    tower = groupvit.GroupViTVision(v.image_size, v.patch_size, v.width, v.heads, v.depths,
+    tower = grouping.GroupViTVision(v.image_size, v.patch_size, v.width, v.heads, v.depths,
                                     v.group_tokens, v.output_groups)
     x = jax.ShapeDtypeStruct((2, v.image_size, v.image_size, 3), jnp.float32)
     tokens, soft, hard = jax.eval_shape(
@@ -166,8 +167,8 @@ def test_the_head_loss_adds_both_terms_with_scales_clamped_at_100():
     rng = np.random.default_rng(2)
     img, txt = _unit(rng.normal(size=(4, 16))), _unit(rng.normal(size=(4, 16)))
     prompts = _unit(rng.normal(size=(4, 3, 16)))
-    config = ml_collections.ConfigDict({"loss": "softmax", "head": {"variant": "GroupViT-tiny",
-                                                                    "multi_label_weight": 0.5}})
+    config = ml_collections.ConfigDict({"loss": "softmax", "model": "GroupViT-tiny",
+                                        "head": {"multi_label_weight": 0.5}})
     model = groupvit.build_models(config)[0]
     params = {"logit_scale": jnp.log(200.0), "multi_label_logit_scale": jnp.log(30.0)}
     outputs = tuple(jnp.asarray(x, jnp.float32) for x in (img, txt, prompts))

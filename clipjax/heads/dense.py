@@ -151,30 +151,42 @@ def make_encoders(head, model, mesh, batch_size: int = 16) -> DenseEncoders:
 
 def predict_options(head, config, spec: str, **given) -> dict:
     """How a split is scored: the whole (same-size) built-in images, or sliding windows of
-    the training crop with stride 2/3 of it over real images; `given` overrides."""
+    the training crop (LSeg: stride 2/3 of it, as PyTorch-Encoding; GroupViT: its
+    settings) over real images; `given` overrides."""
     s = head.settings(config)
-    crop = config.data.image_size
+    crop = s.get("eval_crop") or config.data.image_size
     if is_synthetic(spec):
         opts = dict(mode="whole")
     else:
-        opts = dict(mode=s.get("eval_mode", "slide"), crop=crop, stride=crop * 2 // 3,
+        opts = dict(mode=s.get("eval_mode", "slide"), crop=crop,
+                    stride=s.get("eval_stride") or (crop // 2 if "eval_stride" in s else
+                                                    crop * 2 // 3),
                     scales=tuple(s.get("eval_scales", (1.0,))), flip=bool(s.get("eval_flip")),
                     short_side=s.get("short_side") or None)
     opts.update({k: v for k, v in given.items() if v is not None})
     return opts
 
 
-def evaluator(dataset, names, prefix: str, options: dict, label_options: dict | None = None):
+def evaluator(dataset, names, prefix: str, options: dict, label_options: dict | None = None,
+              groups: dict[str, list[int]] | None = None):
     """evaluator(encoders, params) -> {prefix/miou, prefix/miou_zeros, prefix/pixel_accuracy}:
-    one confusion matrix over the split, both mIoU conventions."""
+    one confusion matrix over the split, both mIoU conventions; `groups` {name: class
+    indices} adds prefix/miou_<name> over those classes (absent ones skipped)."""
     from clipjax.evals import segmentation as seg_evals
 
     def run(encoders: DenseEncoders, params) -> dict[str, float]:
         labels = encoders.embed_labels(params, list(names), **(label_options or {}))
         out = seg_evals.evaluate(encoders.logits_fn(params, labels), dataset, len(names),
                                  **options)
-        return {f"{prefix}/miou": float(out["miou"]), f"{prefix}/miou_zeros":
-                float(out["miou_zeros"]), f"{prefix}/pixel_accuracy": float(out["pixel_accuracy"])}
+        metrics = {f"{prefix}/miou": float(out["miou"]), f"{prefix}/miou_zeros":
+                   float(out["miou_zeros"]), f"{prefix}/pixel_accuracy":
+                   float(out["pixel_accuracy"])}
+        iou = np.asarray(out["iou"], np.float64)
+        for name, index in (groups or {}).items():
+            part = iou[index]
+            metrics[f"{prefix}/miou_{name}"] = float(np.nanmean(part)) if np.isfinite(
+                part).any() else float("nan")
+        return metrics
 
     return run
 

@@ -23,7 +23,7 @@ from clipjax.models.resnet import BatchNorm
 
 DEFAULTS = {"features": 256, "hooks": (), "readout_dims": (), "template": "{}",
             "base_size": 520, "eval_mode": "slide", "eval_scales": (1.0,), "eval_flip": False,
-            "train_words": "canonical"}
+            "train_words": "canonical", "held_out_classes": ()}
 LOGIT_SCALE = 1 / 0.07  # fixed in the reference: nn.Parameter(log(1/0.07)).exp() is a tensor
 FROZEN = ("^text/", "^logit_scale$", "^visual/ln_post/", "^visual/proj$")
 BATCH_NDIM = {"image": 4, "mask": 3}
@@ -291,21 +291,40 @@ def loss(model: LSeg, config, mesh):
     embeddings of it, computed in the step without a gradient)."""
     from clipjax.heads import dense
 
-    tokens_CL = jnp.asarray(label_tokens(dense.train_classnames(config),
+    names = dense.train_classnames(config)
+    keep = seen_classes(config, names)
+    # Held-out classes (LSeg's zero-shot setting) leave the label list; their pixels are ignored.
+    lut = np.full(len(names), IGNORE, np.int32)
+    lut[keep] = np.arange(len(keep))
+    lut = jnp.asarray(lut)
+    tokens_CL = jnp.asarray(label_tokens([names[i] for i in keep],
                                          model.config.text.context_length,
                                          settings(config)["template"]))
 
     def fn(params, pix_BYXE, batch):
         labels_CE = model.apply({"params": jax.lax.stop_gradient(params)}, tokens_CL,
                                 method="label_embeddings")
-        return cross_entropy(pixel_logits(pix_BYXE, labels_CE, batch["mask"].shape[1:3]),
-                             batch["mask"])
+        mask = batch["mask"]
+        mask = jnp.where(mask == IGNORE, IGNORE, lut[jnp.clip(mask, 0, len(names) - 1)])
+        return cross_entropy(pixel_logits(pix_BYXE, labels_CE, mask.shape[1:3]), mask)
 
     return fn
 
 
 def batch_keys(config) -> tuple[str, ...]:
     return ("image", "mask")
+
+
+def seen_classes(config, names) -> list[int]:
+    """Indices of the classes LSeg trains on: all but head.held_out_classes (by name)."""
+    held = tuple(settings(config)["held_out_classes"])
+    if unknown := [h for h in held if h not in names]:
+        raise ValueError(f"head.held_out_classes names {unknown[0]!r}, which is not a class of "
+                         f"the training data ({', '.join(names)}).")
+    keep = [i for i, n in enumerate(names) if n not in held]
+    if not keep:
+        raise ValueError("head.held_out_classes holds out every class; leave some to train on.")
+    return keep
 
 
 def scorer(model: LSeg, template: str = "{}"):
@@ -353,10 +372,13 @@ def evaluators(config, dataset, spec: str, options: dict) -> dict:
     if synthetic:
         from clipjax.data import synthetic_seg
     names = synthetic_seg.label_words("canonical") if synthetic else dataset.classnames
-    out = {"seg": dense.evaluator(dataset, names, "seg", options)}
+    held = [i for i in range(len(names)) if i not in seen_classes(config, names)]
+    groups = {"unseen": held, "seen": [i for i in range(len(names)) if i not in held]} \
+        if held else None
+    out = {"seg": dense.evaluator(dataset, names, "seg", options, groups=groups)}
     if synthetic:
         out["seg_synonyms"] = dense.evaluator(dataset, synthetic_seg.label_words("synonym"),
-                                              "seg_synonyms", options)
+                                              "seg_synonyms", options, groups=groups)
     return out
 
 

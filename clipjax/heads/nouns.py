@@ -9,6 +9,7 @@ guaranteed to equal nltk's averaged perceptron's on every caption.
 """
 
 import functools
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,18 +19,27 @@ VERB_TAGS = ("VB", "VBD", "VBG", "VBN", "VBP", "VBZ")
 GROUPVIT_TAGS = NOUN_TAGS + VERB_TAGS
 
 
+_LOCK = threading.Lock()
+
+
 @functools.cache
 def _tagger():
     from textblob.en.taggers import PatternTagger
 
-    return PatternTagger()
+    tagger = PatternTagger()
+    # Pattern loads its lexicon on first use; loaded by two threads at once, one sees it
+    # half-built and tags every word it lacks as a noun ("a red circle" -> a, red, circle).
+    tagger.tag("a warm up")
+    return tagger
 
 
 def tagged_words(caption: str, tags: Sequence[str] = GROUPVIT_TAGS) -> list[str]:
     """The words of `caption` whose Penn tag is in `tags`, in order, repeats kept."""
     if not caption.strip():
         return []
-    return [word for word, tag in _tagger().tag(caption) if tag in tags]
+    with _LOCK:  # the grain read threads tag captions side by side
+        tagged = _tagger().tag(caption)
+    return [word for word, tag in tagged if tag in tags]
 
 
 def nouns(caption: str, max_nouns: int = 3, rng: np.random.Generator | None = None,
