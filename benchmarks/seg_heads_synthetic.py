@@ -9,8 +9,9 @@ Trains, each with `clipjax train` in its own workdir:
   with synonyms it never trained with ("background", "disc", "box", "wedge", ...);
 - LSeg with two classes held out of training (their words left out, their pixels
   ignored), scored on all seven: LSeg's zero-shot setting;
-- GroupViT (groupvit_synthetic) from scratch on image-caption pairs only, never a mask,
-  segmenting the held-out images zero-shot from class prompts.
+- GroupViT (groupvit_synthetic) on image-caption pairs only, never a mask (its text
+  tower started from the default run's), segmenting held-out images zero-shot from class
+  prompts.
 Prints held-out mIoU in both conventions (absent classes skipped / counted as 0; they
 agree here, where every class is present), pixel accuracy and wall time, and draws a few
 held-out images with their masks and both heads' predictions into --figure.
@@ -30,7 +31,7 @@ RUNS = [  # (name, workdir, config, overrides, from the CLIP run, in the figure)
     ("LSeg", "lseg", "lseg_synthetic", [], True, True),
     ("LSeg, diamond+ring held out", "lseg_held_out", "lseg_synthetic",
      [f"head.held_out_classes=({', '.join(repr(c) for c in HELD_OUT)},)"], True, False),
-    ("GroupViT (captions only)", "groupvit", "groupvit_synthetic", [], False, True),
+    ("GroupViT (captions only)", "groupvit", "groupvit_synthetic", [], True, True),
 ]
 
 
@@ -55,6 +56,7 @@ def predictions(workdir: Path, images: np.ndarray) -> np.ndarray:
 
 
 def figure(path: Path, runs: dict[str, Path], count: int = 6) -> None:
+    """For each run, `count` of its held-out images: image, true mask, prediction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,36 +66,35 @@ def figure(path: Path, runs: dict[str, Path], count: int = 6) -> None:
     from clipjax.heads import segment_cli
 
     colours = segment_cli.palette(len(synthetic_seg.CLASSES)) / 255.0
-    columns = {}
-    for name, workdir in runs.items():
-        size = json.loads((workdir / "config.json").read_text())["data"]["image_size"]
-        ex = synthetic_seg.render(0, "held_out", np.arange(count), size)
-        columns.setdefault(size, ex)
-        columns[name] = predictions(workdir, ex.image_BHWC)
-    first = columns[max(k for k in columns if isinstance(k, int))]
-    titles = ["image", "mask", *runs]
-    fig, axes = plt.subplots(count, len(titles), figsize=(2 * len(titles), 2 * count))
-    for i in range(count):
-        panels = [first.image_BHWC[i], colours[first.mask_BHW[i]],
-                  *[colours[columns[n][i]] for n in runs]]
-        for j, panel in enumerate(panels):
-            axes[i, j].imshow(panel, interpolation="nearest")
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(titles[j], fontsize=8)
+    fig, axes = plt.subplots(count, 3 * len(runs), figsize=(6 * len(runs), 2 * count))
+    for r, (name, workdir) in enumerate(runs.items()):
+        data = json.loads((workdir / "config.json").read_text())["data"]
+        ex = synthetic_seg.render(0, "held_out", np.arange(count), data["image_size"],
+                                  data.get("max_shapes") or 3,
+                                  tuple(data.get("shape_size") or (0.11, 0.22)))
+        pred = predictions(workdir, ex.image_BHWC)
+        for i in range(count):
+            panels = (ex.image_BHWC[i], colours[ex.mask_BHW[i]], colours[pred[i]])
+            for j, (panel, title) in enumerate(zip(panels, ("image", "mask", name))):
+                ax = axes[i, 3 * r + j]
+                ax.imshow(panel, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(title, fontsize=9)
     handles = [matplotlib.patches.Patch(color=colours[k], label=c)
                for k, c in enumerate(synthetic_seg.CLASSES)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="seg-heads-synthetic")
-    parser.add_argument("--init", required=True, help="the default run's CLIP workdir (LSeg)")
+    parser.add_argument("--init", required=True, help="the default run's CLIP workdir (LSeg's "
+                        "towers, GroupViT's text tower)")
     parser.add_argument("--figure", default="benchmarks/figures/seg_synthetic.png")
     parser.add_argument("--only", default="", help="comma-separated runs to keep: lseg, "
                         "lseg_held_out, groupvit")

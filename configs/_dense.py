@@ -7,6 +7,8 @@ def on_builtin_images(c, image_size: int = 64) -> None:
     """Train and evaluate on the built-in shapes with masks (256 held-out images)."""
     c.data.source = "synthetic"
     c.data.image_size = image_size
+    c.data.max_shapes = 3  # shapes an image, 1..max_shapes
+    c.data.shape_size = (0.11, 0.22)  # their half-extents, as fractions of the image
     c.eval.zeroshot = ""
     c.eval.segmentation = "synthetic"
     c.eval.num_examples = 256

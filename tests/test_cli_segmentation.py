@@ -1,6 +1,6 @@
-"""The segmentation commands on runs the real loop trained: `eval segmentation` gives the
-figures the run logged, `segment` writes a label map, an overlay and the areas, and a bad
-input gets one sentence. One step of each head's runlocal config (most of the time here)."""
+"""The segmentation commands: `eval segmentation` gives the figures a run logged (one step
+of LSeg's runlocal config, most of the time here) and the evaluator's on a GroupViT file,
+`segment` writes a label map, an overlay and the areas, and a bad input gets one sentence."""
 
 import json
 
@@ -27,11 +27,20 @@ def _train(name: str, workdir) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for name in ("lseg_synthetic", "groupvit_synthetic"):
-        out[name] = tmp_path_factory.mktemp(name)
-        _train(name, out[name])
-    return out
+    """The LSeg workdir a run trained, and a GroupViT .safetensors (its initialisation,
+    with its config, as `clipjax export` writes a run's parameters)."""
+    from clipjax.heads import groupvit
+    from clipjax.models.layers import nn
+
+    lseg_dir = tmp_path_factory.mktemp("lseg_synthetic")
+    _train("lseg_synthetic", lseg_dir)
+    config = config_lib.load_config("groupvit_synthetic:runlocal")
+    model = groupvit.build_models(config)[1]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *model.example_inputs(1))[
+        "params"])
+    path = tmp_path_factory.mktemp("groupvit") / "groupvit.safetensors"
+    weights.write(weights.from_params(jax.tree.map(np.asarray, params), config, "test"), path)
+    return {"lseg_synthetic": lseg_dir, "groupvit_synthetic": path}
 
 
 def _run(argv, capsys) -> tuple[str, str]:
@@ -51,7 +60,13 @@ def test_eval_segmentation_gives_what_the_run_logged(runs, name, tmp_path, capsy
     out, _ = _run(["eval", "segmentation", "--checkpoint", runs[name], "--dataset", "synthetic:8",
                    "--out", out_json], capsys)
     result = json.loads(out_json.read_text())
-    logged = _logged(runs[name])
+    if name == "lseg_synthetic":
+        logged = _logged(runs[name])
+    else:  # what the training loop's evaluator computes for this checkpoint
+        module, model, params, config = dense.load(str(runs[name]))
+        config.eval.segmentation, config.eval.num_examples = "synthetic", 8
+        logged = dense.build_evaluators(module, config)["seg"](
+            dense.make_encoders(module, model, None), params)
     for key in ("miou", "miou_zeros", "pixel_accuracy"):
         assert result[key] == pytest.approx(logged[f"seg/{key}"], abs=1e-6), key
     assert "absent classes skipped" in out and "absent classes as 0" in out  # both conventions named

@@ -21,11 +21,11 @@ def _config(**head):
     return ml_collections.ConfigDict(dict(
         model="ViT-tiny", dtype="float32", scan=False, remat="none", task="lseg",
         loss="softmax", seed=0, loss_tile=4, global_batch=8,
-        model_overrides=ml_collections.ConfigDict({"vision": {"layers": 2},
+        model_overrides=ml_collections.ConfigDict({"vision": {"layers": 1},
                                                    "text": {"layers": 1}}),
         data=ml_collections.ConfigDict(dict(source="synthetic", image_size=S,
                                             context_length=16)),
-        head=ml_collections.ConfigDict(dict(features=16, **head))))
+        head=ml_collections.ConfigDict(dict(features=8, readout_dims=(8, 8, 8, 8), **head))))
 
 
 @functools.cache

@@ -86,8 +86,10 @@ def _check_split(split: str) -> int:
     return SPLITS[split]
 
 
-def render(seed: int, split: str, index_B, image_size: int, max_shapes: int = 3) -> SegExamples:
-    """The examples at `index_B` of `split` ("train" or "held_out"): 1..max_shapes shapes."""
+def render(seed: int, split: str, index_B, image_size: int, max_shapes: int = 3,
+           shape_size: tuple[float, float] = _SIZE_RANGE) -> SegExamples:
+    """The examples at `index_B` of `split` ("train" or "held_out"): 1..max_shapes shapes,
+    each with a half-extent drawn from `shape_size` (fractions of the image size)."""
     sid, s = _check_split(split), image_size
     index_B = np.asarray(index_B, np.int64)
     b, n = len(index_B), max_shapes
@@ -98,7 +100,7 @@ def render(seed: int, split: str, index_B, image_size: int, max_shapes: int = 3)
     present_BS = np.arange(n)[None] < count_B[:, None]
     shapes_BS = np.where(present_BS, _pick(p[..., 0], len(SHAPES)), -1)
     colours_BS = np.where(present_BS, _pick(p[..., 1], len(COLOURS)), -1)
-    lo, hi = _SIZE_RANGE
+    lo, hi = shape_size
     radius_BS = ((lo + (hi - lo) * p[..., 2]) * s).astype(np.float32)
     angle_BS = ((p[..., 3] - 0.5) * math.radians(24)).astype(np.float32)  # a slight tilt
     jitter_BS3 = (p[..., 4:7] - 0.5) * 0.16
@@ -229,6 +231,7 @@ class SyntheticSegIterator(Iterator[dict[str, np.ndarray]]):
     def __init__(self, batch_size: int, *, split: str = "train", image_size: int = 64,
                  context_length: int = 16, seed: int = 0, num_examples: int | None = None,
                  process_index: int = 0, process_count: int = 1, max_shapes: int = 3,
+                 shape_size: tuple[float, float] = _SIZE_RANGE,
                  fields: Sequence[str] = _FIELDS, prompts: int = 0,
                  nouns_fn: Callable[[str], list[str]] | None = None):
         _check_split(split)
@@ -243,6 +246,7 @@ class SyntheticSegIterator(Iterator[dict[str, np.ndarray]]):
         self.context_length, self.seed, self.num_examples = context_length, seed, num_examples
         self.process_index, self.process_count = process_index, process_count
         self.max_shapes, self.fields, self.prompts = max_shapes, tuple(fields), prompts
+        self.shape_size = tuple(float(v) for v in shape_size)
         self.nouns_fn = nouns_fn
         self._next = 0
 
@@ -258,7 +262,8 @@ class SyntheticSegIterator(Iterator[dict[str, np.ndarray]]):
         lo = self._next + self.process_index * per
         index_B = np.arange(lo, min(lo + per, end))
         self._next = end
-        ex = render(self.seed, self.split, index_B, self.image_size, self.max_shapes)
+        ex = render(self.seed, self.split, index_B, self.image_size, self.max_shapes,
+                    self.shape_size)
         out = {}
         if "image" in self.fields:
             out["image"] = ex.image_BHWC
@@ -279,7 +284,8 @@ class SyntheticSegIterator(Iterator[dict[str, np.ndarray]]):
     def _settings(self) -> dict:
         return {"seed": self.seed, "split": self.split, "batch_size": self.batch_size,
                 "image_size": self.image_size, "context_length": self.context_length,
-                "process_count": self.process_count, "max_shapes": self.max_shapes}
+                "process_count": self.process_count, "max_shapes": self.max_shapes,
+                "shape_size": list(self.shape_size)}
 
     def get_state(self) -> dict:
         return {"next_index": self._next, **self._settings()}
@@ -307,10 +313,12 @@ class SyntheticSegSet:
     num_classes = len(CLASSES)
 
     def __init__(self, num_examples: int, *, seed: int = 0, image_size: int = 64,
-                 split: str = "held_out", max_shapes: int = 3):
+                 split: str = "held_out", max_shapes: int = 3,
+                 shape_size: tuple[float, float] = _SIZE_RANGE):
         _check_split(split)
         self.num_examples, self.seed, self.image_size = num_examples, seed, image_size
         self.split, self.max_shapes = split, max_shapes
+        self.shape_size = tuple(float(v) for v in shape_size)
         self.skipped: dict[str, int] = {}  # as the real eval sets'; rendering never fails
 
     def __len__(self) -> int:
@@ -320,7 +328,8 @@ class SyntheticSegSet:
         chunk = 64
         for lo in range(0, self.num_examples, chunk):
             index_B = np.arange(lo, min(lo + chunk, self.num_examples))
-            ex = render(self.seed, self.split, index_B, self.image_size, self.max_shapes)
+            ex = render(self.seed, self.split, index_B, self.image_size, self.max_shapes,
+                    self.shape_size)
             for i, image, mask in zip(index_B, ex.image_BHWC, ex.mask_BHW):
                 yield f"{i:05d}", image, mask
 

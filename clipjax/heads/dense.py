@@ -34,6 +34,17 @@ def train_classnames(config) -> tuple[str, ...]:
     return tuple(segmentation.classnames(spec))
 
 
+def synthetic_shapes(config) -> dict:
+    """data.max_shapes and data.shape_size (half-extents as fractions of the image), when a
+    config sets them, for the built-in images."""
+    out = {}
+    if config.data.get("max_shapes"):
+        out["max_shapes"] = int(config.data.max_shapes)
+    if config.data.get("shape_size"):
+        out["shape_size"] = tuple(float(v) for v in config.data.shape_size)
+    return out
+
+
 def build_data(head, config, state: dict | None):
     """Resumable host-local training batches in the head's batch layout."""
     spec = config.data.source
@@ -45,7 +56,7 @@ def build_data(head, config, state: dict | None):
             config.global_batch, image_size=config.data.image_size,
             context_length=config.data.context_length, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            **head.synthetic_options(config))
+            **synthetic_shapes(config), **head.synthetic_options(config))
     elif not spec:
         raise ValueError("data.source is empty; give a dataset, e.g. "
                          f"data.source='{head.EXAMPLE_SOURCE}', or 'synthetic'.")
@@ -100,7 +111,8 @@ def eval_set(spec: str, config, num_examples: int = 0):
         from clipjax.data import synthetic_seg
 
         n = int(spec.split(":", 1)[1]) if ":" in spec else (num_examples or 256)
-        return synthetic_seg.SyntheticSegSet(n, seed=config.seed, image_size=config.data.image_size)
+        return synthetic_seg.SyntheticSegSet(n, seed=config.seed, image_size=config.data.image_size,
+                                             **synthetic_shapes(config))
     from clipjax.data import segmentation
 
     return segmentation.eval_set(spec, max_examples=num_examples)

@@ -95,9 +95,9 @@ VARIANTS: dict[str, GroupViTConfig] = {
     "GroupViT-tiny": GroupViTConfig(32, _V(32, 4, 32, 2, (1, 1, 1), (8, 2, 0), (8, 2)),
                                     _T(32, 2, 2, context_length=16), proj_hidden=64),
     # The built-in shapes (configs/groupvit_synthetic.py): up to 3 shapes and background, so
-    # 4 final groups; 64 patches of 4 x 4 pixels.
+    # 4 final groups; 64 patches of 4 x 4 pixels; the default run's text tower (ViT-tiny's).
     "GroupViT-synthetic": GroupViTConfig(64, _V(32, 4, 64, 4, (2, 1, 1), (16, 4, 0), (16, 4)),
-                                         _T(64, 2, 4, context_length=16), proj_hidden=256),
+                                         _T(32, 2, 2, context_length=16), proj_hidden=256),
 }
 
 
@@ -490,14 +490,30 @@ def scorer(model: GroupViT, top_k: int | None = None):
     return embed_labels, scores
 
 
-def evaluators(config, dataset, spec: str, options: dict) -> dict:
+# The words GroupViT's evaluation prompts use where a dataset's class names differ
+# (its segmentation/configs/_base_/datasets: VOC's "table", Context's "airplane", ...).
+PROMPT_WORDS = {
+    "voc": {"diningtable": "table", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "context": {"aeroplane": "airplane", "pottedplant": "plant", "tvmonitor": "monitor"},
+}
+
+
+def prompt_names(spec: str, names) -> list[str]:
+    """The class names of the dataset `spec` as GroupViT's evaluation words them."""
     from clipjax.heads import dense
 
-    names = list(dataset.classnames)
     if dense.is_synthetic(spec):
         from clipjax.data import synthetic_seg
 
-        names = list(synthetic_seg.label_words("caption"))  # the words its captions use
+        return list(synthetic_seg.label_words("caption"))  # the words its captions use
+    words = PROMPT_WORDS.get(spec.split(":", 1)[0].strip(), {})
+    return [words.get(n, n) for n in names]
+
+
+def evaluators(config, dataset, spec: str, options: dict) -> dict:
+    from clipjax.heads import dense
+
+    names = prompt_names(spec, dataset.classnames)
     return {"seg": dense.evaluator(dataset, names, "seg", options, label_options(config))}
 
 

@@ -80,13 +80,12 @@ def _eval_segmentation(args) -> None:
                              f"{args.dataset} ({', '.join(names)}); give one name a class, in "
                              "order.")
         names = given
+    elif config.task == "groupvit":  # the words its evaluation prompts use
+        names = module.prompt_names(args.dataset, names)
     elif dense.is_synthetic(args.dataset):
         from clipjax.data import synthetic_seg
 
-        # LSeg's training words; the words GroupViT's captions use ("plus sign" for the
-        # cross, which the offline tagger never calls a noun).
-        names = list(synthetic_seg.label_words("canonical" if config.task == "lseg"
-                                               else "caption"))
+        names = list(synthetic_seg.label_words("canonical"))  # the words LSeg trained with
     options = _options(module, config, args.dataset, args)
     encoders = dense.make_encoders(module, model, _mesh(), args.batch_size)
     labels = encoders.embed_labels(params, names, **_label_options(module, config, args))
