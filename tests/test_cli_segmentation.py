@@ -122,7 +122,8 @@ def clip_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,says", [
-    (["segment", "{missing}", "--checkpoint", "{lseg}", "--labels", "a, b"], "does not exist"),
+    (["segment", "{missing}", "{image}", "--checkpoint", "{lseg}", "--labels", "a, b",
+      "--out-dir", "{out}"], "does not exist"),
     (["segment", "{image}", "--checkpoint", "{lseg}", "--labels", "a, b, a"], "given twice"),
     (["segment", "{image}", "--checkpoint", "{clip}", "--labels", "a, b"], "holds a clip model"),
     (["segment", "{image}", "--checkpoint", "{lseg}", "--labels", "a", "--bg-thresh", "0.5"],
@@ -137,9 +138,14 @@ def test_a_bad_input_gets_one_sentence(runs, clip_file, tmp_path, capsys, argv, 
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
     fill = dict(missing=tmp_path / "nope", lseg=runs["lseg_synthetic"], clip=clip_file,
-                image=image)
+                image=image, out=tmp_path / "out")
     with pytest.raises(SystemExit) as e:
         _run([a.format(**fill) for a in argv], capsys)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and says.format(**fill) in err, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "Traceback" not in err
+    if "{missing}" in argv and argv[0] == "segment":  # a line for the file, one to sum up
+        assert len(err.splitlines()) == 2 and "1 of 2 images could not be read" in err
+        assert (tmp_path / "out" / "x_labels.png").is_file()  # the readable one is done
+    else:
+        assert len(err.splitlines()) == 1
