@@ -16,9 +16,9 @@ of the chips, then compiled to confirm (and stepped down until it fits). Where t
 batch does not fit in one step, the smallest accum_steps in 2, 4, 8 at which it does is
 compiled and reported next to it.
 
-LSeg's loss embeds the training label list (ADE20K's 150 classes), which
-`dense.train_classnames` reads from the ade20k: folder; a laptop has none, so the built-in
-ADE20K names stand in for them here (their count, not their words, shapes the step).
+LSeg's loss embeds the training label list (ADE20K's 150 classes); without the dataset on
+this machine its built-in class names stand in (their count, not their words, shapes the
+step), as for `clipjax compile`.
 """
 
 import argparse
@@ -31,29 +31,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from clipjax import aot, config as config_lib  # noqa: E402
-from clipjax.data import segmentation  # noqa: E402
-from clipjax.heads import dense  # noqa: E402
 
 ROWS = [("lseg_ade20k", "v5e-16"), ("lseg_ade20k", "v5p-16"),
         ("groupvit_gcc_yfcc", "v5e-16"), ("groupvit_gcc_yfcc", "v5p-16")]
 NAMES = {"lseg_ade20k": "LSeg ViT-L/16 480px", "groupvit_gcc_yfcc": "GroupViT-S/16 224px"}
 ACCUM = (2, 4, 8)
-
-_train_classnames = dense.train_classnames
-
-
-def _classnames(config):
-    """The dataset's class names, or ADE20K's built-in ones when its folder is absent."""
-    try:
-        return _train_classnames(config)
-    except ValueError:
-        if config.data.source.startswith("ade20k:"):
-            return tuple(segmentation.ADE20K_CLASSES)
-        raise
-
-
-dense.train_classnames = _classnames
-
 
 def compile_row(config_name: str, topology: str, batch: int, accum: int = 1) -> dict:
     config = config_lib.load_config(config_name, [f"global_batch={batch}",

@@ -112,7 +112,8 @@ def compile_train_step(config, topology: str) -> dict:
     head = {"topology": topology_name(topology), "device_kind": kind, "chips": len(devices),
             "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
             "task": config.get("task", "clip"), "frames": getattr(model, "frames", 0),
-            "accum_steps": config.accum_steps, "loss": config.loss, "hbm_gib": hbm,
+            "accum_steps": config.accum_steps, "hbm_gib": hbm,
+            "loss": "pixel cross-entropy" if config.get("task") == "lseg" else config.loss,
             "tflops_per_step": clip.train_flops(model, b) / 1e12}
     try:
         compiled = step.lower(abstract, batch).compile()
@@ -153,8 +154,8 @@ def _exhausted(message: str) -> dict:
 
 
 def format_report(r: dict) -> str:
-    what = r["model"] if r.get("task", "clip") == "clip" else \
-        f"{r['task']} {r['model']}, {r['frames']} frames a clip"
+    what = r["model"] if r.get("task", "clip") == "clip" else f"{r['task']} {r['model']}" + (
+        f", {r['frames']} frames a clip" if r.get("frames") else "")
     lines = [
         f"{what} on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
         f"global batch {r['global_batch']:,}, accum_steps {r['accum_steps']}, loss {r['loss']}",

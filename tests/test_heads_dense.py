@@ -129,3 +129,16 @@ def test_groupvit_prompts_come_from_captions_through_the_pipeline(tmp_path):
     made = {tuple(tokenize(t.format(w), 16)[0]) for t in templates for w in words}
     assert all(tuple(p) in made for p in horse)
     assert len({tuple(p) for p in horse}) == 3
+
+
+def test_a_pod_plan_needs_no_dataset_but_training_does(tmp_path):
+    from clipjax.data import segmentation
+
+    cfg = ml_collections.ConfigDict(dict(
+        seed=0, global_batch=8, data=dict(source=f"ade20k:{tmp_path / 'none'}?split=training",
+                                          image_size=32, num_workers=0),
+        head=dict(base_size=64)))
+    names = dense.train_classnames(cfg)  # what `clipjax compile` needs: the 150 classes
+    assert names == tuple(segmentation.ADE20K_CLASSES) and len(names) == 150
+    with pytest.raises(ValueError, match="does not exist"):
+        dense.build_data(lseg, cfg, None)

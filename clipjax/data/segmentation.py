@@ -143,6 +143,11 @@ def coco_stuff_to_object() -> np.ndarray:
 # Specs and sources.
 
 
+# The datasets whose class names are built in (`clipjax compile` needs only their count).
+BUILTIN_CLASSES = {"ade20k": ADE20K_CLASSES, "voc": VOC_CLASSES, "context": CONTEXT_CLASSES,
+                   "coco_object": COCO_OBJECT_CLASSES}
+
+
 def parse_seg_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     """`"kind:root?k=v"` -> (kind, root, options), kind one of KINDS."""
     if not isinstance(spec, str) or ":" not in spec:

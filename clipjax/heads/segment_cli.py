@@ -215,7 +215,7 @@ def _segment(args) -> None:
 
 def _inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a LSeg or GroupViT training workdir, one step folder of it, or its "
+                   help="an LSeg or GroupViT training workdir, one step folder of it, or its "
                    "model.safetensors")
     p.add_argument("--mode", choices=("whole", "slide"), default=None,
                    help="score the whole image at once or in sliding windows of the training "
