@@ -160,22 +160,26 @@ def load_pixels(image: Image.Image) -> Image.Image:
 _OPTIONS_RE = re.compile(r"[A-Za-z_]\w*=[^&]*(&[A-Za-z_]\w*=[^&]*)*")
 
 
-def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """`"kind:location?k=v"` -> (kind, location, options)."""
+def parse_spec(spec: str, kinds: tuple[str, ...] | None = None, what: str = "Data source",
+               example: str = "wds:/data/shards/{00000..00099}.tar"
+               ) -> tuple[str, str, dict[str, str]]:
+    """`"kind:location?k=v"` -> (kind, location, options), kind one of `kinds` (default:
+    the image-text sources' KINDS)."""
+    kinds = KINDS if kinds is None else kinds
     if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"Data source {spec!r} has no kind: write KIND:LOCATION with KIND one of "
-                         f"{', '.join(KINDS)}, e.g. 'wds:/data/shards/{{00000..00099}}.tar'.")
+        raise ValueError(f"{what} {spec!r} has no kind: write KIND:LOCATION with KIND one of "
+                         f"{', '.join(kinds)}, e.g. '{example}'.")
     kind, rest = spec.split(":", 1)
-    if kind not in KINDS:
-        raise ValueError(f"Unknown data source kind {kind!r} in {spec!r}: use one of "
-                         f"{', '.join(KINDS)}.")
+    if kind not in kinds:
+        raise ValueError(f"Unknown {what.lower()} kind {kind!r} in {spec!r}: use one of "
+                         f"{', '.join(kinds)}.")
     location, options = rest, {}
     head, sep, tail = rest.rpartition("?")
     if sep and _OPTIONS_RE.fullmatch(tail):
         location = head
         options = dict(urllib.parse.parse_qsl(tail, keep_blank_values=True, strict_parsing=False))
     if not location:
-        raise ValueError(f"Data source {spec!r} names no location after '{kind}:'.")
+        raise ValueError(f"{what} {spec!r} names no location after '{kind}:'.")
     return kind, location, options
 
 

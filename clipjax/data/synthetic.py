@@ -189,6 +189,18 @@ def normalize(img_BHWC: np.ndarray) -> np.ndarray:
 
 # --- the iterator -------------------------------------------------------------------------
 
+
+def check_resume(state: dict, ours: dict) -> None:
+    """Refuses a saved iterator state whose settings differ from this run's (states saved
+    before a setting was recorded do not name it; those still resume)."""
+    differ = [k for k in ours if k in state and state[k] != ours[k]]
+    if differ:
+        k = differ[0]
+        name = "global_batch" if k == "batch_size" else k
+        raise ValueError(f"The saved data state was written with {name}={state[k]!r}, this "
+                         f"run has {name}={ours[k]!r}: resume with the same data settings "
+                         f"(they differ in {', '.join(differ)}), or start a new workdir.")
+
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
     """Batches {"image" f32 [b,S,S,3], "text" i32 [b,L], "label" i32 [b]} of one split.
 
@@ -239,15 +251,7 @@ class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: dict) -> None:
         """Resume; refused when the batch size, image size, hosts, seed or split differ."""
-        ours = self._settings()
-        # States saved before a setting was recorded do not name it; those still resume.
-        differ = [k for k in ours if k in state and state[k] != ours[k]]
-        if differ:
-            k = differ[0]
-            name = "global_batch" if k == "batch_size" else k
-            raise ValueError(f"The saved data state was written with {name}={state[k]!r}, this "
-                             f"run has {name}={ours[k]!r}: resume with the same data settings "
-                             f"(they differ in {', '.join(differ)}), or start a new workdir.")
+        check_resume(state, self._settings())
         self._next = int(state["next_index"])
 
 

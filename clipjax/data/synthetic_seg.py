@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from clipjax.data import synthetic
 from clipjax.data.synthetic import (COLOURS, SHAPES, SPLITS, _COLOUR_WORDS, _SHAPE_WORDS, _pick,
                                     _sdf, _uniform)
 from clipjax.tokenizer import tokenize
@@ -292,15 +293,7 @@ class SyntheticSegIterator(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: dict) -> None:
         """Resume; refused when the batch size, image size, hosts, seed or split differ."""
-        ours = self._settings()
-        # States saved before a setting was recorded do not name it; those still resume.
-        differ = [k for k in ours if k in state and state[k] != ours[k]]
-        if differ:
-            k = differ[0]
-            name = "global_batch" if k == "batch_size" else k
-            raise ValueError(f"The saved data state was written with {name}={state[k]!r}, this "
-                             f"run has {name}={ours[k]!r}: resume with the same data settings "
-                             f"(they differ in {', '.join(differ)}), or start a new workdir.")
+        synthetic.check_resume(state, self._settings())
         self._next = int(state["next_index"])
 
 

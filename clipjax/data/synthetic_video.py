@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from clipjax.data import synthetic
 from clipjax.data.synthetic import (_SHAPE_WORDS, _COLOUR_WORDS, COLOURS, SHAPES, _pick,
                                     _sdf, _uniform, _word)
 from clipjax.evals import prompts
@@ -265,14 +266,7 @@ class SyntheticVideoIterator(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: dict) -> None:
         """Resume; refused when a setting that shapes the batches differs."""
-        ours = self._settings()
-        differ = [k for k in ours if k in state and state[k] != ours[k]]
-        if differ:
-            k = differ[0]
-            name = "global_batch" if k == "batch_size" else k
-            raise ValueError(f"The saved data state was written with {name}={state[k]!r}, this "
-                             f"run has {name}={ours[k]!r}: resume with the same data settings "
-                             f"(they differ in {', '.join(differ)}), or start a new workdir.")
+        synthetic.check_resume(state, self._settings())
         self._next = int(state["next_index"])
 
 
