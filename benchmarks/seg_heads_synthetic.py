@@ -124,6 +124,16 @@ def main() -> None:
         print(f"{name:<30} {pct('seg/miou'):>6} {pct('seg/miou_zeros'):>9} "
               f"{pct('seg/pixel_accuracy'):>9} {pct('seg_synonyms/miou'):>8} "
               f"{pct('seg/miou_seen'):>6} {pct('seg/miou_unseen'):>6} {seconds:>5.0f}s")
+    from clipjax.data import synthetic_seg
+
+    for name, slug, *_ in RUNS:  # the floor: every pixel called background
+        if (root / slug / "config.json").is_file():
+            data = json.loads((root / slug / "config.json").read_text())["data"]
+            ex = synthetic_seg.render(0, "held_out", np.arange(256), data["image_size"],
+                                      data.get("max_shapes") or 3,
+                                      tuple(data.get("shape_size") or (0.11, 0.22)))
+            share = float(np.mean(ex.mask_BHW == 0))
+            print(f"{name}: all-background mIoU {100 * share / len(synthetic_seg.CLASSES):.1f}")
     if done:
         figure(Path(args.figure), done)
         print(f"wrote {args.figure}")
