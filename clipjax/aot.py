@@ -91,6 +91,12 @@ def abstract_step(config, devices):
 
         k = int(groupvit.settings(config)["multi_label"])
         shapes["prompts"] = ((b, k, ctx), jnp.int32)
+    if "positive_map" in keys:  # GLIP: prompts, padded boxes and their token maps
+        from clipjax.heads import glip
+
+        m, ctx = int(glip.settings(config)["max_boxes"]), glip.context_length(config)
+        shapes.update(tokens=((b, ctx), jnp.int32), boxes=((b, m, 4), jnp.float32),
+                      box_mask=((b, m), bool), positive_map=((b, m, ctx), jnp.float32))
     batch = {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1],
                                      sharding=sharding.batch_sharding(mesh, len(shapes[k][0])))
              for k in keys}
@@ -113,7 +119,8 @@ def compile_train_step(config, topology: str) -> dict:
             "mesh": dict(mesh.shape), "model": config.model, "global_batch": b,
             "task": config.get("task", "clip"), "frames": getattr(model, "frames", 0),
             "accum_steps": config.accum_steps, "hbm_gib": hbm,
-            "loss": "pixel cross-entropy" if config.get("task") == "lseg" else config.loss,
+            "loss": {"lseg": "pixel cross-entropy", "glip": "token focal + GIoU + centerness"}.get(
+                config.get("task"), config.loss),
             "tflops_per_step": clip.train_flops(model, b) / 1e12}
     try:
         compiled = step.lower(abstract, batch).compile()

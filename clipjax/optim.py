@@ -44,11 +44,15 @@ DEFAULTS: dict[str, Any] = {
     "lr_multipliers": (),  # {regex: multiplier} or [(regex, multiplier), ...]; first match wins
     "name": "adamw",  # adamw | sgd (momentum, torch's coupled weight decay: LSeg)
     "momentum": 0.9,  # sgd only
-    "schedule": "cosine",  # cosine | poly (lr * (1 - step / total_steps) ** power: LSeg)
+    "schedule": "cosine",  # cosine | poly (lr * (1 - step / total_steps) ** power: LSeg) | steps
     "power": 0.9,  # poly only
+    # steps only (GLIP's WarmupMultiStepLR): lr times gamma at each of these fractions of
+    # total_steps, e.g. (0.67, 0.89).
+    "steps_at": (),
+    "gamma": 0.1,
 }
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "poly")
+SCHEDULES = ("cosine", "poly", "steps")
 
 # (b1, b2, eps): OpenCLIP's recommendation for ViTs; ResNets keep Adam's usual values.
 VIT_ADAM = (0.9, 0.98, 1e-6)
@@ -181,13 +185,28 @@ def resolve_config(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dic
     if c["schedule"] not in SCHEDULES:
         raise ValueError(f"optimizer.schedule={c['schedule']!r}; choose one of "
                          f"{', '.join(SCHEDULES)}.")
+    c["steps_at"] = tuple(float(f) for f in (c["steps_at"] or ()))
+    if c["schedule"] == "steps" and not all(0 < f < 1 for f in c["steps_at"]):
+        raise ValueError(f"optimizer.steps_at={c['steps_at']}: give fractions of total_steps "
+                         "in (0, 1), e.g. (0.67, 0.89).")
     return c
 
 
 def lr_schedule(config) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then a cosine to `lr * end_lr_ratio` at `total_steps`
-    (or, with schedule="poly", PyTorch-Encoding's lr * (1 - step / total) ** power)."""
+    (or, with schedule="poly", PyTorch-Encoding's lr * (1 - step / total) ** power; with
+    schedule="steps", lr * gamma ** (boundaries passed), boundaries at steps_at x total)."""
     c = resolve_config(config)
+    if c["schedule"] == "steps":
+        warm, lr = c["warmup_steps"], c["lr"]
+        bounds = jnp.asarray([int(f * c["total_steps"]) for f in c["steps_at"]], jnp.float32)
+
+        def steps(step):
+            step = jnp.asarray(step, jnp.float32)
+            decay = lr * jnp.power(c["gamma"], jnp.sum(step >= bounds))
+            return jnp.where(step < warm, lr * step / max(warm, 1), decay)
+
+        return steps
     if c["schedule"] == "poly":
         total, warm, power, lr = c["total_steps"], c["warmup_steps"], c["power"], c["lr"]
 

@@ -1,11 +1,13 @@
 """CLIP's byte-level BPE tokenizer, id for id the same as OpenAI CLIP's and `open_clip.tokenize`."""
 
+import difflib
 import functools
 import gzip
 import html
 import importlib.resources
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import ftfy
@@ -72,7 +74,70 @@ def _chunks(text: str) -> list[str]:
     return clean(text).split(" ")
 
 
-def _remember(cache: dict[str, tuple[int, ...]], key: str, value: tuple[int, ...]) -> None:
+# html.unescape's own pattern (CPython Lib/html/__init__.py); a match unescaped alone gives
+# what it gives in place, so entities can be replaced one at a time with their offsets.
+_CHARREF_RE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+
+
+def _unescape_tracked(text: str, starts: list[int], ends: list[int]):
+    """html.unescape(text), with each output character's original [start, end) carried along."""
+    out, out_starts, out_ends, last = [], [], [], 0
+    for match in _CHARREF_RE.finditer(text):
+        piece = html.unescape(match.group())
+        if piece == match.group():  # not an entity after all ("&e=f"): characters kept
+            continue
+        i, j = match.span()
+        out.append(text[last:i])
+        out_starts += starts[last:i]
+        out_ends += ends[last:i]
+        out.append(piece)  # every character of the replacement comes from the whole entity
+        out_starts += [starts[i]] * len(piece)
+        out_ends += [ends[j - 1]] * len(piece)
+        last = j
+    out.append(text[last:])
+    return "".join(out), out_starts + starts[last:], out_ends + ends[last:]
+
+
+def _keyed(text: str, starts: Sequence[int], ends: Sequence[int]):
+    """text NFKD-decomposed and lowercased char by char, with each key char's [start, end)."""
+    key, key_starts, key_ends = [], [], []
+    for ch, start, end in zip(text, starts, ends):
+        piece = unicodedata.normalize("NFKD", ch).lower()
+        key.append(piece)
+        key_starts += [start] * len(piece)
+        key_ends += [end] * len(piece)
+    return "".join(key), key_starts, key_ends
+
+
+def _align(original: str, fixed: str) -> tuple[list[int], list[int]]:
+    """Per character of `fixed` (clean() before lowercasing), the [start, end) it came from."""
+    # HTML entities are undone exactly. What ftfy changed is found by diffing the result,
+    # both sides decomposed (NFKD) and lowercased so width, ligature, NFC and case changes
+    # still match character for character.
+    unescaped = original
+    u_starts, u_ends = list(range(len(original))), list(range(1, len(original) + 1))
+    for _ in range(2):
+        unescaped, u_starts, u_ends = _unescape_tracked(unescaped, u_starts, u_ends)
+    a, a_starts, a_ends = _keyed(unescaped, u_starts, u_ends)
+    b, owner, _ = _keyed(fixed, range(len(fixed)), range(len(fixed)))
+    starts, ends = [len(original)] * len(fixed), [0] * len(fixed)
+    # autojunk off: on long texts it would ignore every frequent character.
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        n, m = i2 - i1, j2 - j1
+        for k in range(m):
+            if tag == "equal":
+                first = last = i1 + k
+            elif tag == "replace":  # a rewritten stretch, shared out in proportion
+                first, last = i1 + k * n // m, i1 - (-(k + 1) * n // m) - 1
+            else:  # inserted: the character before it (or the first one)
+                first = last = min(max(i1 - 1, 0), len(a) - 1)
+            j = owner[j1 + k]
+            starts[j], ends[j] = min(starts[j], a_starts[first]), max(ends[j], a_ends[last])
+    return starts, ends
+
+
+def _remember(cache: dict[str, tuple], key: str, value: tuple) -> None:
     """cache[key] = value, emptying the cache first when it is full."""
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
@@ -115,6 +180,7 @@ class Tokenizer:
         self._specials = {s: (self._token_to_id[s],) for s in _SPECIALS}
         self._word_cache: dict[str, tuple[int, ...]] = {}
         self._chunk_cache: dict[str, tuple[int, ...]] = {}
+        self._span_cache: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = {}
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenised word: its UTF-8 bytes merged by ascending merge rank."""
@@ -150,16 +216,46 @@ class Tokenizer:
             pair_ranks = [ranks.get(pair, _NO_RANK) for pair in zip(chars, chars[1:])]
         return tuple(self._token_to_id[c] for c in chars)
 
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenised word, cached."""
+        word_ids = self._word_cache.get(word)
+        if word_ids is None:
+            word_ids = self._specials.get(word) or self._bpe(word)
+            _remember(self._word_cache, word, word_ids)
+        return word_ids
+
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
         """Ids of one space-free chunk of cleaned text, e.g. "cat," or "it's"."""
         ids: list[int] = []
         for word in _WORD_RE.findall(chunk):
-            word_ids = self._word_cache.get(word)
-            if word_ids is None:
-                word_ids = self._specials.get(word) or self._bpe(word)
-                _remember(self._word_cache, word, word_ids)
-            ids += word_ids
+            ids += self._word_ids(word)
         return tuple(ids)
+
+    def _chunk_spans(self, chunk: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """Ids of one cleaned chunk and each id's [start, end) characters in the chunk, cached."""
+        cached = self._span_cache.get(chunk)
+        if cached is not None:
+            return cached
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for match in _WORD_RE.finditer(chunk):
+            word, at = match.group(), match.start()
+            word_ids = self._word_ids(word)
+            ids += word_ids
+            if word in self._specials:
+                spans.append((at, match.end()))
+                continue
+            # A token is a run of the word's UTF-8 bytes; it covers the characters those
+            # bytes belong to (a character split across tokens is in each of them).
+            char_of_byte = [c for c, ch in enumerate(word) for _ in ch.encode("utf-8")]
+            byte = 0
+            for k, i in enumerate(word_ids):
+                size = len(self._id_to_bytes[i]) - (len(_WORD_END) if k == len(word_ids) - 1 else 0)
+                spans.append((at + char_of_byte[byte], at + char_of_byte[byte + size - 1] + 1))
+                byte += size
+        result = (tuple(ids), tuple(spans))
+        _remember(self._span_cache, chunk, result)
+        return result
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without <start_of_text>, <end_of_text> or padding."""
@@ -178,6 +274,47 @@ class Tokenizer:
                 _remember(cache, chunk, chunk_ids)
             ids += chunk_ids
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and, per id, the [start, end) characters of `text` it came from.
+
+        Grounding heads (GLIP) need to know which tokens spell which words of a prompt.
+        Lowercasing and whitespace collapsing are tracked exactly, and so are HTML
+        entities (every character an entity becomes covers the whole entity: "&amp;" ->
+        "&"). Other rewrites by the cleaner (ftfy's mojibake, width, ligature and NFC
+        fixes) are found by aligning its output with the text, both decomposed and
+        lowercased: a rewritten stretch is shared out in proportion over the stretch it
+        replaced (approximate for mojibake), and an inserted character maps to the
+        character before it. A token covers every character any of its bytes came from,
+        so a character split over several byte tokens belongs to each of them.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode_with_offsets takes a str, got "
+                            f"{type(text).__name__}: decode bytes or convert the value first.")
+        plain = _is_plain(text)
+        fixed = text if plain else html.unescape(html.unescape(ftfy.fix_text(text)))
+        starts, ends = (None, None) if plain else _align(text, fixed)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        # str.split() and \S+ cut at the same (Unicode) whitespace; lower() never changes
+        # across a space, so lowering chunk by chunk gives clean()'s chunks.
+        for match in re.finditer(r"\S+", fixed):
+            chunk, at = match.group(), match.start()
+            lowered = chunk.lower()
+            chunk_ids, spans = self._chunk_spans(lowered)
+            ids += chunk_ids
+            if len(lowered) == len(chunk):
+                src = None
+            else:  # e.g. "İ" lowers to two characters; both come from the one
+                src = [c for c, ch in enumerate(chunk) for _ in ch.lower()]
+                if len(src) != len(lowered):
+                    src = [k * len(chunk) // len(lowered) for k in range(len(lowered))]
+            for s, e in spans:
+                s, e = (at + s, at + e) if src is None else (at + src[s], at + src[e - 1] + 1)
+                if starts is not None:
+                    s, e = min(starts[s:e]), max(ends[s:e])
+                offsets.append((s, e))
+        return ids, offsets
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids, word ends as spaces; specials and padding (id 0 is "!") kept."""
@@ -216,6 +353,11 @@ class Tokenizer:
 def default_tokenizer() -> Tokenizer:
     """The shared tokenizer over the packaged vocabulary, built on first use."""
     return Tokenizer()
+
+
+def encode_with_offsets(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of text and each one's [start, end) characters in it, by the default tokenizer."""
+    return default_tokenizer().encode_with_offsets(text)
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:

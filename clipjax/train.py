@@ -491,6 +491,7 @@ def _load_init(state: TrainState, config, model=None) -> tuple[TrainState, set[s
     if not wanted:
         raise ValueError(f"init_checkpoint_keep {tuple(config.init_checkpoint_keep)} matches no "
                          "parameter; parameter paths look like visual/proj, text/ln_final/scale.")
+    flat = _longer_text_context(flat, dict(wanted))
     bad = [f"{p} {tuple(x.shape)}" for p, x in wanted
            if p not in flat or flat[p].shape != x.shape]
     if bad:
@@ -505,6 +506,20 @@ def _load_init(state: TrainState, config, model=None) -> tuple[TrainState, set[s
         return jax.device_put(flat[path], old.sharding) if path in take else old
 
     return state.replace(params=jax.tree.map(pick, paths, state.params)), take
+
+
+def _longer_text_context(flat: dict, current: dict) -> dict:
+    """A checkpoint's text positions fill the first rows of a longer table (GLIP's 256-token
+    prompts from CLIP's 77); the rows past them keep their initialisation."""
+    path = "text/positional_embedding"
+    if path not in flat or path not in current:
+        return flat
+    old, new = flat[path], current[path]
+    if old.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] >= new.shape[0]:
+        return flat
+    filled = np.asarray(jax.device_get(new)).copy()
+    filled[:old.shape[0]] = np.asarray(old)
+    return {**flat, path: filled.astype(np.asarray(old).dtype)}
 
 
 def _clip_next_command(config, workdir: str) -> str:

@@ -46,7 +46,7 @@ def _images(b: int, seed: int = 0) -> np.ndarray:
 def test_aligned_resize_equals_torch_interpolate_with_aligned_corners():
     x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
     for size in ((10, 14), (9, 4)):
-        ours = np.asarray(lseg.resize_aligned(jnp.asarray(x), size))
+        ours = np.asarray(layers.resize_aligned(jnp.asarray(x), size))
         ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size,
                                               mode="bilinear", align_corners=True)
         np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)

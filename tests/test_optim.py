@@ -183,6 +183,17 @@ def test_schedule_warmup_then_cosine():
     np.testing.assert_allclose(got, list(expect.values()), rtol=1e-5, atol=1e-12)
 
 
+def test_multistep_schedule_is_glips():
+    # maskrcnn_benchmark's WarmupMultiStepLR with milestones at 0.67 and 0.89 of training
+    # (warmup here from 0, the other schedules' convention).
+    cfg = dict(lr=1e-4, warmup_steps=20, total_steps=100, schedule="steps", steps_at=(0.67, 0.89))
+    expect = {0: 0.0, 10: 5e-5, 20: 1e-4, 66: 1e-4, 67: 1e-5, 88: 1e-5, 89: 1e-6, 100: 1e-6}
+    got = jax.jit(jax.vmap(optim.lr_schedule(cfg)))(np.array(list(expect)))
+    np.testing.assert_allclose(got, list(expect.values()), rtol=1e-5, atol=1e-14)
+    with pytest.raises(ValueError, match="steps_at"):
+        optim.lr_schedule(dict(cfg, steps_at=(67,)))
+
+
 def test_clipping_measures_only_trainable_gradients():
     params = make_tree(VIT_SHAPES)
     grads = jax.tree.map(np.zeros_like, params)

@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-TASKS = ("clip", "clip4clip", "actionclip", "lseg", "groupvit")
+TASKS = ("clip", "clip4clip", "actionclip", "lseg", "groupvit", "glip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,10 @@ def get_task(config_or_name) -> Task:
         from clipjax.heads import dense
 
         return dense.task(importlib.import_module(f"clipjax.heads.{name}"), name)
+    if name == "glip":
+        from clipjax.heads import detection, glip
+
+        return detection.task(glip, name)
     from clipjax.heads import video
 
     return video.task(importlib.import_module(f"clipjax.heads.{name}"), name)

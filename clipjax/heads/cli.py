@@ -456,9 +456,10 @@ def register_eval(tasks) -> None:
                    "name), or one template (default: ActionCLIP's 16)")
     a.add_argument("--out", default="action.json", help="results JSON")
     a.set_defaults(fn=_action)
-    from clipjax.heads import segment_cli
+    from clipjax.heads import detect_cli, segment_cli
 
     segment_cli.register_eval(tasks)
+    detect_cli.register_eval(tasks)
 
 
 def register(sub) -> None:
@@ -476,6 +477,7 @@ def register(sub) -> None:
     c.add_argument("--templates", help="a file with one template a line, or one template "
                    "(default: ActionCLIP's 16)")
     c.set_defaults(fn=_classify_video)
-    from clipjax.heads import segment_cli
+    from clipjax.heads import detect_cli, segment_cli
 
     segment_cli.register(sub)
+    detect_cli.register(sub)

@@ -18,7 +18,8 @@ import numpy as np
 
 from clipjax.models import layers
 from clipjax.models.clip import CLIP, _normalize
-from clipjax.models.layers import CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, MLP, Dtype
+from clipjax.models.layers import (CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, MLP, Dtype,
+                                   resize_aligned)
 from clipjax.models.resnet import BatchNorm
 
 DEFAULTS = {"features": 256, "hooks": (), "readout_dims": (), "template": "{}",
@@ -93,25 +94,6 @@ class ConvTranspose(nn.Module):
                                       (CONV_OUT,))
         out = layers.einsum("byxc,ijcf->byixjf", x_BYXC, kernel, self.dtype)
         return out.reshape(b, y * f, x * f, self.features) + bias.astype(out.dtype)
-
-
-def _aligned_matrix(n: int, m: int) -> np.ndarray:
-    """[m, n] bilinear interpolation weights from n to m samples with aligned corners."""
-    pos = np.arange(m) * ((n - 1) / max(m - 1, 1))
-    lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
-    hi = np.minimum(lo + 1, n - 1)
-    w = np.zeros((m, n), np.float32)
-    np.add.at(w, (np.arange(m), lo), 1 - (pos - lo))
-    np.add.at(w, (np.arange(m), hi), pos - lo)
-    return w
-
-
-def resize_aligned(x_BYXC: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """torch's interpolate(mode="bilinear", align_corners=True) as two small matmuls."""
-    wy = jnp.asarray(_aligned_matrix(x_BYXC.shape[1], size[0]))
-    wx = jnp.asarray(_aligned_matrix(x_BYXC.shape[2], size[1]))
-    out = jnp.einsum("Yy,byxc->bYxc", wy, x_BYXC.astype(jnp.float32))
-    return jnp.einsum("Xx,byxc->byXc", wx, out).astype(x_BYXC.dtype)
 
 
 class Reassemble(nn.Module):

@@ -74,6 +74,13 @@ class CLIP(nn.Module):
         """(embedding, {"blocks"/"tokens"} for a ViT or {"stem", "layer1".."layer4"} for a ResNet)."""
         return self.visual(img_BHWC, return_features=True)
 
+    def image_attention(self, img_BHWC: jax.Array) -> jax.Array:
+        """Every ViT block's attention probabilities [layers, B, H, N, N] (CLIPasso's saliency)."""
+        if self.config.vision.is_resnet:
+            raise ValueError("image_attention needs a ViT image tower; choose a ViT model "
+                             "(CLIPasso uses ViT-B-32).")
+        return self.visual(img_BHWC, return_attention=True)[1]["attention"]
+
     def text_features(self, tokens_BL: jax.Array):
         """(embedding, {"blocks": [layers, B, L, D], "tokens": [B, L, D] after ln_final})."""
         return self.text(tokens_BL, return_features=True)

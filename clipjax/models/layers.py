@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
@@ -173,6 +174,22 @@ def temporal_shift(x_BND: jax.Array, frames: int, fold_div: int = 8) -> jax.Arra
     return jnp.concatenate([cls_VT1D, tok_VTND], axis=2).reshape(b, n, d)
 
 
+def attention_weights(q_BNHK: jax.Array, k_BNHK: jax.Array, causal: bool = False,
+                      key_mask_BN: jax.Array | None = None) -> jax.Array:
+    """softmax(q kᵀ / √K) in float32, [B, H, N, N]: what dot_product_attention weighs v by."""
+    logits_BHNN = jnp.einsum("bqhk,bshk->bhqs", q_BNHK, k_BNHK,
+                             preferred_element_type=jnp.float32) * q_BNHK.shape[-1] ** -0.5
+    n = q_BNHK.shape[1]
+    keep = jnp.ones((1, 1, n, n), bool)
+    if causal:
+        keep = jnp.tril(keep)
+    if key_mask_BN is not None:
+        keep = keep & _key_mask(key_mask_BN)
+    # A finite fill, as dot_product_attention's: a row with every key hidden stays finite.
+    logits_BHNN = jnp.where(keep, logits_BHNN, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BHNN, axis=-1)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with a fused [D, 3, H, K] projection (torch's in_proj, reshaped)."""
 
@@ -182,11 +199,15 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BND: jax.Array, causal: bool = False,
                  query: int | jax.Array | None = None,
-                 key_mask_BN: jax.Array | None = None) -> jax.Array:
+                 key_mask_BN: jax.Array | None = None, return_weights: bool = False):
         """[B, N, D] -> [B, N, D]; with `query` (see pick_token) only that token's output, [B, 1, D].
 
         `key_mask_BN` (bool) hides the keys where it is False (padded frames or tokens).
+        `return_weights` also returns the attention probabilities [B, H, N, N] (float32),
+        computed beside the fused attention so the output stays the normal path's bit for bit.
         """
+        if return_weights and query is not None:
+            raise ValueError("Attention weights need every query; call without `query`.")
         d = x_BND.shape[-1]
         h = self.num_heads
         k = d // h
@@ -200,6 +221,8 @@ class MultiHeadAttention(nn.Module):
             q_BNHK, k_BNHK, v_BNHK = (t.squeeze(2) for t in jnp.split(qkv_BNTHK, 3, axis=2))
             o_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BNHK, v_BNHK, is_causal=causal,
                                                   mask=_key_mask(key_mask_BN))
+            if return_weights:
+                weights_BHNN = attention_weights(q_BNHK, k_BNHK, causal, key_mask_BN)
         else:  # one query; keys and values of every token
             q_BNHK = einsum("bnd,dhk->bnhk", pick_token(x_BND, query), w_DTHK[:, 0], self.dtype,
                             b_THK[0])
@@ -214,7 +237,8 @@ class MultiHeadAttention(nn.Module):
         out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         w_HKD = param_with_axes(self, "out_proj_kernel", out_init, (h, k, d), (HEADS, KV, EMBED))
         b_D = param_with_axes(self, "out_proj_bias", nn.initializers.zeros, (d,), (EMBED,))
-        return einsum("bnhk,hkd->bnd", o_BNHK, w_HKD, self.dtype, b_D)
+        out_BND = einsum("bnhk,hkd->bnd", o_BNHK, w_HKD, self.dtype, b_D)
+        return (out_BND, weights_BHNN) if return_weights else out_BND
 
 
 class Mlp(nn.Module):
@@ -241,6 +265,9 @@ class ResidualBlock(nn.Module):
     causal: bool = False
     dtype: Dtype = jnp.float32
     emit_features: bool = False
+    # The second output becomes (features or None, attention [B, H, N, N]): stacked over
+    # layers like the features, so it works under nn.scan.
+    emit_attention: bool = False
     shift_frames: int = 0  # > 0: temporal_shift of the input over clips of this many frames
     ln_eps: float = 1e-5
 
@@ -252,13 +279,16 @@ class ResidualBlock(nn.Module):
         if self.shift_frames:
             x_BND = temporal_shift(x_BND, self.shift_frames)
         y = LayerNorm(self.ln_eps, name="ln_1")(x_BND)
-        attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(y, self.causal, only,
-                                                                           key_mask_BN)
+        attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
+            y, self.causal, only, key_mask_BN, return_weights=self.emit_attention)
+        if self.emit_attention:
+            attn, weights_BHNN = attn
         x_BND = (x_BND if only is None else pick_token(x_BND, only)) + attn
         y = LayerNorm(self.ln_eps, name="ln_2")(shard_rows(x_BND))
         x_BND = shard_rows(x_BND + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y))
         # A scan body: the second output is stacked over layers, so emit it only on request.
-        return x_BND, (x_BND if self.emit_features else None)
+        feature_BND = x_BND if self.emit_features else None
+        return x_BND, ((feature_BND, weights_BHNN) if self.emit_attention else feature_BND)
 
 
 REMAT_POLICIES = {
@@ -278,6 +308,8 @@ class Transformer(nn.Module):
     [layers, B, N, D] (the features later heads read). Given `pool` (see pick_token), it
     returns only that token, [B, 1, D]: the last block then computes just that one (its
     keys and values still come from every token), 1/12 less work for a 12-layer tower.
+    `return_attention` adds a third output, every block's attention probabilities
+    [layers, B, H, N, N] in float32 (CLIPasso's saliency), and computes every token throughout.
     """
 
     layers: int
@@ -298,27 +330,54 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BND: jax.Array, return_all: bool = False,
-                 pool: int | jax.Array | None = None, key_mask_BN: jax.Array | None = None):
+                 pool: int | jax.Array | None = None, key_mask_BN: jax.Array | None = None,
+                 return_attention: bool = False):
         block = ResidualBlock
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                       causal=self.causal, dtype=self.dtype, emit_features=return_all,
-                      shift_frames=self.shift_frames, ln_eps=self.ln_eps)
+                      emit_attention=return_attention, shift_frames=self.shift_frames,
+                      ln_eps=self.ln_eps)
         if self.scan:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=self.layers,
                             unroll=self.layers if self.unroll else 1,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            x_BND, all_LBND = stack(**kwargs, name="resblocks")(x_BND, key_mask_BN)
+            x_BND, out = stack(**kwargs, name="resblocks")(x_BND, key_mask_BN)
             if pool is not None:  # the scanned stack computes every token of every layer
                 x_BND = pick_token(x_BND, pool)
-            return x_BND, (all_LBND if return_all else None)
-        features = []
-        for i in range(self.layers):
-            only = pool if i == self.layers - 1 and not return_all else None
-            x_BND, feature_BND = block(**kwargs, name=f"resblocks_{i}")(x_BND, key_mask_BN, only)
-            features.append(feature_BND)
-        if pool is not None and return_all:
-            x_BND = pick_token(x_BND, pool)
-        return x_BND, (jnp.stack(features) if return_all else None)
+            all_LBND, attn_LBHNN = out if return_attention else (out, None)
+        else:
+            features, weights = [], []
+            every_token = return_all or return_attention
+            for i in range(self.layers):
+                only = pool if i == self.layers - 1 and not every_token else None
+                x_BND, out = block(**kwargs, name=f"resblocks_{i}")(x_BND, key_mask_BN, only)
+                feature_BND, weights_BHNN = out if return_attention else (out, None)
+                features.append(feature_BND)
+                weights.append(weights_BHNN)
+            if pool is not None and every_token:
+                x_BND = pick_token(x_BND, pool)
+            all_LBND = jnp.stack(features) if return_all else None
+            attn_LBHNN = jnp.stack(weights) if return_attention else None
+        return (x_BND, all_LBND, attn_LBHNN) if return_attention else (x_BND, all_LBND)
+
+
+def _aligned_matrix(n: int, m: int) -> np.ndarray:
+    """[m, n] bilinear interpolation weights from n to m samples with aligned corners."""
+    pos = np.arange(m) * ((n - 1) / max(m - 1, 1))
+    lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    w = np.zeros((m, n), np.float32)
+    np.add.at(w, (np.arange(m), lo), 1 - (pos - lo))
+    np.add.at(w, (np.arange(m), hi), pos - lo)
+    return w
+
+
+def resize_aligned(x_BYXC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch's interpolate(mode="bilinear", align_corners=True) as two small matmuls."""
+    wy = jnp.asarray(_aligned_matrix(x_BYXC.shape[1], size[0]))
+    wx = jnp.asarray(_aligned_matrix(x_BYXC.shape[2], size[1]))
+    out = jnp.einsum("Yy,byxc->bYxc", wy, x_BYXC.astype(jnp.float32))
+    return jnp.einsum("Xx,byxc->byXc", wx, out).astype(x_BYXC.dtype)

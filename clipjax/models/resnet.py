@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from clipjax.models import layers
 from clipjax.models.layers import (CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, JOINT, MLP, POSITIONS,
                                    Dtype)
+from clipjax.models.vit import resize_positions
 
 
 class Conv(nn.Module):
@@ -100,6 +101,7 @@ class AttentionPool2d(nn.Module):
     num_heads: int
     output_dim: int
     dtype: Dtype = jnp.float32
+    grid: int = 0  # > 0: positions for a grid x grid map, resized to other maps (any_size)
 
     @nn.compact
     def __call__(self, x_BYXC: jax.Array) -> jax.Array:
@@ -107,8 +109,11 @@ class AttentionPool2d(nn.Module):
         h = self.num_heads
         x_BNC = x_BYXC.reshape(b, y * x, c)
         x_BNC = jnp.concatenate([x_BNC.mean(1, keepdims=True), x_BNC], axis=1)
+        g = self.grid
         pos_NC = layers.param_with_axes(self, "positional_embedding", nn.initializers.normal(c**-0.5),
-                                        (y * x + 1, c), (POSITIONS, EMBED))
+                                        (g * g + 1 if g else y * x + 1, c), (POSITIONS, EMBED))
+        if g and (y, x) != (g, g):
+            pos_NC = resize_positions(pos_NC, g, (y, x))
         x_BNC = x_BNC + pos_NC.astype(x_BNC.dtype)
         # Heads are the hidden width here, sharded like an MLP's, never twice like (embed, embed).
         dense = lambda f, name: layers.Dense(f, (EMBED, MLP), dtype=self.dtype, name=name)  # noqa
@@ -130,10 +135,17 @@ class ModifiedResNet(nn.Module):
     embed_dim: int
     dtype: Dtype = jnp.float32
     train: bool = False
+    # Detection heads (GLIP): any size 32 divides; the attention pool's position grid is
+    # resized bilinearly to the map (as the ViT's), so CLIP's weights load unchanged.
+    any_size: bool = False
 
     @nn.compact
     def __call__(self, img_BHWC: jax.Array, return_features: bool = False):
-        if img_BHWC.shape[1:3] != (self.image_size, self.image_size):
+        h, w = img_BHWC.shape[1:3]
+        if self.any_size and (h % 32 or w % 32):
+            raise ValueError(f"Image size {h}x{w} is not a multiple of 32 (the ResNet's "
+                             "stride); crop or pad to a multiple of it.")
+        if (h, w) != (self.image_size, self.image_size) and not self.any_size:
             raise ValueError(f"This ResNet takes {self.image_size}x{self.image_size} images but got "
                              f"{img_BHWC.shape[1]}x{img_BHWC.shape[2]}; resize with "
                              f"clipjax.data.transforms.preprocess(..., size={self.image_size}).")
@@ -149,5 +161,6 @@ class ModifiedResNet(nn.Module):
                 stride = 2 if (stage > 1 and j == 0) else 1
                 x = Bottleneck(planes, stride, self.dtype, self.train, name=f"layer{stage}_{j}")(x)
             features[f"layer{stage}"] = x
-        out_BE = AttentionPool2d(self.heads, self.embed_dim, self.dtype, name="attnpool")(x)
+        grid = self.image_size // 32 if self.any_size else 0
+        out_BE = AttentionPool2d(self.heads, self.embed_dim, self.dtype, grid, name="attnpool")(x)
         return (out_BE, features) if return_features else out_BE

@@ -41,7 +41,12 @@ class VisionTransformer(nn.Module):
     any_size: bool = False
 
     @nn.compact
-    def __call__(self, img_BHWC: jax.Array, return_features: bool = False):
+    def __call__(self, img_BHWC: jax.Array, return_features: bool = False,
+                 return_attention: bool = False):
+        """[B, E]; with `return_features`, (embedding, {"blocks", "tokens"}); `return_attention`
+        implies it and adds "attention": every block's softmax(q kᵀ/√K), [layers, B, H, N, N]
+        in float32 (N = 1 + patches, the class token first), the embedding unchanged."""
+        return_features = return_features or return_attention
         b, h, w, c = img_BHWC.shape
         p, d = self.patch_size, self.width
         if self.any_size and (h % self.patch_size or w % self.patch_size):
@@ -75,17 +80,21 @@ class VisionTransformer(nn.Module):
         x_BND = layers.LayerNorm(name="ln_pre")(x_BND)
 
         # Only the class token is projected; the features ask for every token.
-        x_BND, blocks_LBND = layers.Transformer(
+        x_BND, blocks_LBND, *attn = layers.Transformer(
             self.layers, self.heads, self.mlp_dim, self.activation, causal=False, dtype=self.dtype,
             scan=self.scan, remat=self.remat, unroll=self.unroll,
             shift_frames=self.frames if self.shift else 0, name="transformer")(
-                x_BND, return_all=return_features, pool=None if return_features else 0)
+                x_BND, return_all=return_features, pool=None if return_features else 0,
+                return_attention=return_attention)
         x_BND = layers.LayerNorm(name="ln_post")(x_BND)
         proj_DE = layers.param_with_axes(self, "proj", normal, (d, self.embed_dim), (EMBED, JOINT))
         out_BE = layers.einsum("bd,de->be", x_BND[:, 0], proj_DE, self.dtype)
         if not return_features:
             return out_BE
-        return out_BE, {"blocks": blocks_LBND, "tokens": x_BND}
+        features = {"blocks": blocks_LBND, "tokens": x_BND}
+        if return_attention:
+            features["attention"] = attn[0]
+        return out_BE, features
 
     def _patch_3d(self, patches_BNP: jax.Array, d: int, c: int) -> jax.Array:
         """Conv3d with kernel (3, p, p), stride (1, p, p) and one frame of zero padding in

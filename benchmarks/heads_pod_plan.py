@@ -1,15 +1,18 @@
-"""Pod plans for the segmentation heads from TPU ahead-of-time compiles (no TPU needed).
+"""Pod plans for the segmentation and detection heads from TPU ahead-of-time compiles (no
+TPU needed).
 
     pip install "clipjax[tpu]"
-    python benchmarks/seg_pod_plan.py                    # every row below, ~5 min a compile
-    python benchmarks/seg_pod_plan.py --rows 0,1         # some of them
+    python benchmarks/heads_pod_plan.py                  # every row below, ~5 min a compile
+    python benchmarks/heads_pod_plan.py --rows 4,5       # some of them (4-7: GLIP)
 
-Each row is `clipjax compile --config lseg_ade20k|groupvit_gcc_yfcc --topology T
-global_batch=B` with the recipe as it stands: LSeg ViT-L/16 at 480 px (bf16, remat full, no
-scan: the taps read every block; data parallel over every chip), GroupViT-S/16 at 224 px
-(bf16, scanned and rematerialised blocks, the tiled contrastive loss, fsdp over every chip).
-Reported: XLA's per-chip memory at the recipe's global batch (16 crops for LSeg, 4096 pairs
-for GroupViT), whether that fits HBM, then the largest global batch that fits in one step
+Each row is `clipjax compile --config lseg_ade20k|groupvit_gcc_yfcc|glip_coco[:b16]
+--topology T global_batch=B` with the recipe as it stands: LSeg ViT-L/16 at 480 px (bf16,
+remat full, no scan: the taps read every block; data parallel over every chip),
+GroupViT-S/16 at 224 px (bf16, scanned and rematerialised blocks, the tiled contrastive
+loss, fsdp over every chip), GLIP-T-sized (RN50 or ViT-B/16 towers, 6 fusion layers, 256
+text tokens, 800 px, bf16, remat full, data parallel). Reported: XLA's per-chip memory at
+the recipe's global batch (16 crops for LSeg, 4096 pairs for GroupViT, 64 images for
+GLIP), whether that fits HBM, then the largest global batch that fits in one step
 without gradient caching (accum_steps=1). That one is found from the compiles at the recipe
 batch and twice it (memory grows linearly with the local batch), rounded down to a multiple
 of the chips, then compiled to confirm (and stepped down until it fits). Where the recipe
@@ -33,8 +36,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from clipjax import aot, config as config_lib  # noqa: E402
 
 ROWS = [("lseg_ade20k", "v5e-16"), ("lseg_ade20k", "v5p-16"),
-        ("groupvit_gcc_yfcc", "v5e-16"), ("groupvit_gcc_yfcc", "v5p-16")]
-NAMES = {"lseg_ade20k": "LSeg ViT-L/16 480px", "groupvit_gcc_yfcc": "GroupViT-S/16 224px"}
+        ("groupvit_gcc_yfcc", "v5e-16"), ("groupvit_gcc_yfcc", "v5p-16"),
+        ("glip_coco", "v5e-16"), ("glip_coco", "v5p-16"),
+        ("glip_coco:b16", "v5e-16"), ("glip_coco:b16", "v5p-16")]
+NAMES = {"lseg_ade20k": "LSeg ViT-L/16 480px", "groupvit_gcc_yfcc": "GroupViT-S/16 224px",
+         "glip_coco": "GLIP RN50 800px", "glip_coco:b16": "GLIP ViT-B/16 800px"}
 ACCUM = (2, 4, 8)
 
 def compile_row(config_name: str, topology: str, batch: int, accum: int = 1) -> dict:
