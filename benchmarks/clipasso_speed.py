@@ -1,6 +1,6 @@
 """CLIPasso's optimisation step: speed, how it grows with strokes and canvas, memory, devices.
 
-    python benchmarks/clipasso_speed.py                       # RN101-sized tower, ~15 min on 2 cores
+    python benchmarks/clipasso_speed.py                 # RN101-sized tower, ~15 min on 2 cores
     python benchmarks/clipasso_speed.py --tower RN-tiny       # a smoke run
 
 One step is what `clipjax sketch` repeats up to 2001 times a sketch: draw the strokes, warp
@@ -138,7 +138,8 @@ def main() -> None:
         print(f"  {name:<9}: {r['step_s']:.3f} s/it for {padded} rows -> {sketches:.4f} "
               f"sketches/s ({sketches * 3600:.1f} an hour at 2001 iterations, 3 seeds); "
               f"{r['temp_bytes'] / per_device / 2**20:.1f} MiB of temporaries a row on a device")
-    print(f"  8 devices / 1 device speed: {out['1 device']['step_s'] / out['8 devices']['step_s']:.2f}x")
+    ratio = out["1 device"]["step_s"] / out["8 devices"]["step_s"]
+    print(f"  8 devices / 1 device speed: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

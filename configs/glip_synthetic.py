@@ -29,9 +29,9 @@ def get_config(arg=None):
         per_prompt=40))
     c.init_checkpoint = "clipjax-default"
     c.global_batch = 32
-    c.total_steps = 1500
+    c.total_steps = 2400
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0, freeze=(),
+        lr=2e-3, warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0, freeze=(),
         lr_multipliers={"^text/": 0.1}, schedule="steps", steps_at=(0.67, 0.89)))
     c.data.source = "synthetic"
     c.data.image_size = 64
@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.eval.zeroshot = ""
     c.eval.detection = "synthetic"
     c.eval.num_examples = 256
-    c.eval.every_steps = c.checkpoint.every_steps = 500
+    c.eval.every_steps = c.checkpoint.every_steps = 800
     c.log_every_steps = 50
     if arg == "runlocal":
         c.init_checkpoint = ""

@@ -114,3 +114,60 @@ def test_a_bad_input_gets_one_sentence(glip_file, tmp_path, capsys, argv, says):
         assert (tmp_path / "out" / "x_boxes.png").is_file()
     else:
         assert len(err.splitlines()) == 1
+
+
+def _flickr(root, count: int = 2) -> None:
+    """A Flickr30k Entities folder in miniature: built-in images with two shapes, MDETR's
+    JSON (one entry a sentence) and the Entities XML and sentences."""
+    ex = synthetic_det.render(0, "held_out", np.arange(12), 64)
+    two = [i for i in range(12) if (ex.labels_BS[i] >= 0).sum() == 2][:count]
+    for sub in ("flickr30k-images", "mdetr_annotations", "flickr30k_entities/Annotations",
+                "flickr30k_entities/Sentences"):
+        (root / sub).mkdir(parents=True)
+    images, anns = [], []
+    for n, i in enumerate(two):
+        names = [synthetic_det.CLASSNAMES[c] for c in ex.labels_BS[i][:2]]
+        caption = f"a {names[0]} beside a {names[1]} ."
+        spans = [(0, 2 + len(names[0])), (caption.index(" a ", 2) + 1, len(caption) - 2)]
+        Image.fromarray(ex.image_BHWC[i]).save(root / "flickr30k-images" / f"{i}.png")
+        images.append({"id": n, "file_name": f"{i}.png", "height": 64, "width": 64,
+                       "caption": caption, "sentence_id": 0, "original_img_id": i,
+                       "tokens_positive_eval": [[list(s)] for s in spans]})
+        xml = "".join(f"<object><name>{k + 1}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                      f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                      for k, b in enumerate(ex.boxes_BS4[i][:2].round().astype(int)))
+        (root / "flickr30k_entities" / "Annotations" / f"{i}.xml").write_text(
+            f"<annotation><size><width>64</width><height>64</height><depth>3</depth></size>"
+            f"{xml}</annotation>")
+        (root / "flickr30k_entities" / "Sentences" / f"{i}.txt").write_text(
+            f"[/EN#1/other a {names[0]}] beside [/EN#2/other a {names[1]}] .\n")
+        for k, (s, b) in enumerate(zip(spans, ex.boxes_BS4[i][:2].round())):
+            anns.append({"id": len(anns) + 1, "image_id": n, "category_id": 1, "iscrowd": 0,
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]),
+                                  float(b[3] - b[1])], "area": 1.0, "tokens_positive": [list(s)]})
+    (root / "mdetr_annotations" / "final_flickr_separateGT_val.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}))
+
+
+def test_eval_flickr_recall_counts_the_phrases_the_model_grounds(glip_file, tmp_path, capsys):
+    from clipjax.heads import boxes
+
+    _flickr(tmp_path / "flickr")
+    out_json = tmp_path / "flickr.json"
+    _run(["eval", "detection", "--checkpoint", glip_file, "--flickr", tmp_path / "flickr",
+          "--split", "val", "--out", out_json], capsys)
+    got = json.loads(out_json.read_text())["metrics"]["all"]
+    head, model, params, config = detection.load(str(glip_file))
+    dataset = detection.eval_set(f"flickr:{tmp_path / 'flickr'}?split=val", config)
+    preds = detection.ground_phrases(detection.make_encoders(head, model, None), params, dataset)
+    hits = {1: 0, 5: 0, 10: 0}
+    phrases = 0
+    for ex in dataset:
+        for ranked, truth in zip(preds[(ex.original_img_id, 0)], ex.phrase_boxes):
+            phrases += 1
+            iou = boxes.pairwise_iou(np.asarray(ranked, np.float32).reshape(-1, 4), truth)
+            for k in hits:
+                hits[k] += bool((iou[:k] >= 0.5).any())
+    assert phrases == 4
+    for k, h in hits.items():
+        assert got[f"R@{k}"] == pytest.approx(h / phrases), k

@@ -158,6 +158,20 @@ def test_loss_equals_numpy_from_the_feature_maps(rn, photo, start):
         cos = fc_s[r] @ fc_p[r] / np.linalg.norm(fc_s[r]) / np.linalg.norm(fc_p[r])
         np.testing.assert_allclose(loss_R[r], conv + 0.1 * (1 - cos), rtol=1e-4)
     assert np.asarray(canvas_RHW).min() < 0.5 < np.asarray(canvas_RHW).max()  # strokes on white
+    # The training loss: the same, averaged over the pair and its 4 joint warps.
+    key = jax.random.key(9)
+    strokes = {"points": jnp.asarray(start[0, 0]), "opacity": jnp.ones(STROKES)}
+    loss = jax.jit(lambda st: clipasso.row_loss(tower, params["visual"], st, photos[0], key,
+                                                CANVAS, SETTINGS)[0])(strokes)
+    views = jax.jit(clipasso.views, static_argnums=(3, 4))
+    sketch_V, photo_V = views(key, jnp.asarray(sketch[0]), photos[0], CANVAS, SETTINGS)
+    assert sketch_V.shape[0] == 5 and np.allclose(sketch_V[0], (sketch[0] - MEAN) / STD, atol=1e-5)
+    (fc_s, maps_s), (fc_p, maps_p) = feats(sketch_V), feats(photo_V)
+    fc_s, fc_p = np.asarray(fc_s, np.float64), np.asarray(fc_p, np.float64)
+    conv = sum(np.mean((np.asarray(maps_s[k], np.float64) - np.asarray(maps_p[k])) ** 2)
+               for k in ("layer2", "layer3"))
+    cos_V = (fc_s * fc_p).sum(1) / np.linalg.norm(fc_s, axis=1) / np.linalg.norm(fc_p, axis=1)
+    np.testing.assert_allclose(loss, conv + 0.1 * np.mean(1 - cos_V), rtol=1e-4)
 
 
 def test_sketching_lowers_the_loss_and_keeps_the_best_seed(one_device):
@@ -229,6 +243,15 @@ def test_sketch_command_writes_svg_and_png_and_reports_a_missing_image(rn, photo
     assert len(paths) == STROKES
     png = np.asarray(Image.open(tmp_path / "out" / "shape.png"))
     assert png.shape == (CANVAS, CANVAS) and png.min() < 128 and png.max() == 255
+    # The SVG draws what the PNG shows (resvg, an independent renderer).
+    import io
+
+    import resvg_py
+
+    drawn = np.asarray(Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(
+        svg_string=svg, background="white")))).convert("L"))
+    ink_svg, ink_png = drawn < 128, png < 128
+    assert (ink_svg & ink_png).sum() > 0.8 * (ink_svg | ink_png).sum()
 
 
 def test_sketch_command_names_a_checkpoint_of_the_wrong_tower(rn, tmp_path):

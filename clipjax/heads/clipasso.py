@@ -45,8 +45,12 @@ class Settings:
     fc_weight: float = 0.1
     min_delta: float = 1e-5
     samples: int = 32  # points along each curve for the rasteriser's polyline
+    # White strokes on black, for a tower that never saw a white background (the tiny CLIPs
+    # of the built-in shapes); CLIPasso draws black on white.
+    inverted: bool = False
 
     def check(self) -> None:
+        """One sentence for a setting a user can get wrong."""
         if len(self.layer_weights) != len(LAYERS):
             raise ValueError(f"layer weights {self.layer_weights} give {len(self.layer_weights)} "
                              f"numbers; give one for each of {', '.join(LAYERS)}, e.g. 0,0,1,1,0.")
@@ -82,7 +86,8 @@ def homography(src_42: jax.Array, dst_42: jax.Array, size: float = 1.0) -> jax.A
     h_8 = jnp.linalg.solve(jnp.concatenate([rows_u, rows_v]), jnp.concatenate([u, v]))
     h_33 = jnp.append(h_8, 1.0).reshape(3, 3)
     scale_33 = jnp.diag(jnp.asarray([size, size, 1.0], jnp.float32))
-    return scale_33 @ h_33 @ jnp.linalg.inv(scale_33)
+    return jnp.linalg.multi_dot([scale_33, h_33, jnp.linalg.inv(scale_33)],
+                                precision="highest")
 
 
 def warp_perspective(image_HWC: jax.Array, out_to_in_33: jax.Array, fill: float = 0.0):
@@ -90,9 +95,14 @@ def warp_perspective(image_HWC: jax.Array, out_to_in_33: jax.Array, fill: float 
     outside filled (the fill blended by the sampled in-bounds mask, as torchvision does)."""
     h, w, _ = image_HWC.shape
     ys_YX, xs_YX = jnp.meshgrid(jnp.arange(h) + 0.5, jnp.arange(w) + 0.5, indexing="ij")
-    p_3YX = jnp.einsum("ij,jyx->iyx", out_to_in_33, jnp.stack([xs_YX, ys_YX, jnp.ones_like(xs_YX)]))
+    grid_3YX = jnp.stack([xs_YX, ys_YX, jnp.ones_like(xs_YX)])
+    # Full float32: a TPU's default bf16 passes would move pixels at 224 px.
+    p_3YX = jnp.einsum("ij,jyx->iyx", out_to_in_33, grid_3YX, precision="highest")
     coords = [p_3YX[1] / p_3YX[2] - 0.5, p_3YX[0] / p_3YX[2] - 0.5]  # row, column indices
-    sample = lambda plane: jax.scipy.ndimage.map_coordinates(plane, coords, 1, "constant", 0.0)  # noqa
+
+    def sample(plane):
+        return jax.scipy.ndimage.map_coordinates(plane, coords, 1, "constant", 0.0)
+
     out_CYX = jax.vmap(sample)(jnp.moveaxis(image_HWC, -1, 0))
     mask_YX = sample(jnp.ones((h, w), image_HWC.dtype))
     return jnp.moveaxis(out_CYX * mask_YX + (1.0 - mask_YX) * fill, 0, -1)
@@ -170,11 +180,11 @@ def clip_loss(fc_s_VE, maps_s: dict, fc_p_VE, maps_p: dict, s: Settings):
 
 
 def draw(strokes: dict, canvas: int, s: Settings) -> jax.Array:
-    """One row's strokes -> RGB canvas [H, W, 3] in [0, 1], black on white."""
+    """One row's strokes -> RGB canvas [H, W, 3] in [0, 1], black on white (or inverted)."""
     widths_S = jnp.full(strokes["points"].shape[:1], 2.0 * s.width)
     grey = raster.render(strokes["points"], widths_S, strokes["opacity"], canvas,
                          samples=s.samples)
-    return raster.to_rgb(grey)
+    return raster.to_rgb(1.0 - grey if s.inverted else grey)
 
 
 def row_loss(tower: ModifiedResNet, params, strokes: dict, photo_HWC: jax.Array, key, canvas: int,
@@ -223,10 +233,12 @@ INIT_TAG = 2**31 - 1  # folded into a seed's key for its initial strokes (iterat
 
 
 def initial_points(photo_HWC, strokes: int, seeds_K, vit=None, vit_params=None,
-                   mask_HW=None) -> np.ndarray:
+                   mask_HW=None, inverted: bool = False) -> np.ndarray:
     """Starting strokes [K, S, 4, 2] (pixels) of one photo ([0, 1] RGB, the canvas size) for
     each seed: starts drawn from the ViT's attention on the photo's XDoG lines, each stroke
-    a short random walk (saliency.py); without a ViT every line pixel is equally likely."""
+    a short random walk (saliency.py); without a ViT every line pixel is equally likely.
+    Where XDoG draws fewer line pixels than strokes inside the mask (CLIPasso then fails),
+    attention alone decides."""
     from clipjax.heads import saliency
 
     photo_HWC = jnp.asarray(photo_HWC, jnp.float32)
@@ -236,7 +248,12 @@ def initial_points(photo_HWC, strokes: int, seeds_K, vit=None, vit_params=None,
     else:  # the ViT sees the photo at its own size; the map is resized to the canvas
         small_HWC = normalize(resize(photo_HWC, vit.config.vision.image_size))
         attn_HW = np.asarray(saliency.attention_map(vit, vit_params, small_HWC[None], canvas)[0])
-    prob_HW = saliency.saliency(attn_HW, saliency.xdog(np.asarray(normalize(photo_HWC))), mask_HW)
+    # XDoG inks the dark side of edges: for light strokes on black, of the negative.
+    lines_HW = saliency.xdog(np.asarray(normalize(1.0 - photo_HWC if inverted else photo_HWC)))
+    where_HW = attn_HW * (1.0 - lines_HW) * (1.0 if mask_HW is None else np.asarray(mask_HW))
+    if (where_HW > 0).sum() < strokes:  # too few line pixels (a light object): attention alone
+        lines_HW = np.zeros_like(lines_HW)
+    prob_HW = saliency.saliency(attn_HW, lines_HW, mask_HW)
     out = []
     for seed in seeds_K:
         k_start, k_walk = jax.random.split(jax.random.fold_in(jax.random.key(int(seed)), INIT_TAG))
@@ -341,14 +358,6 @@ class Sketch:
     frames: list | None = None  # the winner's canvases at each evaluation up to its best
 
 
-def _place(mesh, x, ndim: int):
-    if mesh is None:
-        return jnp.asarray(x)
-    from clipjax import sharding
-
-    return jax.device_put(x, sharding.batch_sharding(mesh, ndim))
-
-
 def optimise(tower: ModifiedResNet, params, photos_NHWC, points_NKS42, s: Settings,
              seeds_K=None, mesh=None, frames: bool = False,
              progress: Callable[[int, float], None] | None = None) -> list[Sketch]:
@@ -360,21 +369,19 @@ def optimise(tower: ModifiedResNet, params, photos_NHWC, points_NKS42, s: Settin
     n, k = points_NKS42.shape[:2]
     canvas = photos_NHWC.shape[1]
     seeds_K = np.arange(k) * 1000 if seeds_K is None else np.asarray(seeds_K)
-    rows = n * k
-    shards = 1
-    if mesh is not None:
+    rows, put, shards = n * k, jnp.asarray, 1
+    if mesh is not None:  # rows over the batch axes, the frozen tower replicated
         from clipjax import sharding
 
         shards = sharding.batch_size(mesh)
         params = jax.device_put(params, sharding.replicated(mesh))
+        put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
     pad = -rows % shards  # padding rows repeat the first one and are dropped
     take = np.concatenate([np.arange(rows), np.zeros(pad, np.int64)])
-    photos_R = _place(mesh, np.repeat(photos_NHWC, k, 0)[take], 4)
-    seeds_R = _place(mesh, (np.tile(seeds_K, n)[take] % 2**31).astype(np.uint32), 1)
+    photos_R = put(np.repeat(photos_NHWC, k, 0)[take])
+    seeds_R = put((np.tile(seeds_K, n)[take] % 2**31).astype(np.uint32))
     points_R = points_NKS42.reshape(rows, *points_NKS42.shape[2:])[take]
-    state = init_state(points_R, s)
-    if mesh is not None:
-        state = jax.tree.map(lambda x: _place(mesh, x, x.ndim) if x.ndim else x, state)
+    state = jax.tree.map(lambda x: put(x) if x.ndim else x, init_state(points_R, s))
     # The loop's length, period and threshold are not traced: one compile serves every run.
     evaluate, step = step_fns(tower, untraced(s), canvas)
     losses, canvases = [], []

@@ -69,8 +69,11 @@ def _eval_detection(args) -> None:
     stem = Path(args.out).with_suffix("")
     results_path = f"{stem}_results.json"
     Path(results_path).write_text(json.dumps(out["results"]))
-    curve = f"{stem}_pr.png"
-    det_evals.pr_curve_png(metrics["all"]["precision"], curve, title)
+    curve = f"{stem}_pr.png" if "precision" in metrics["all"] else None  # not for recall@k
+    if curve:
+        det_evals.pr_curve_png(metrics["all"]["precision"], curve,
+                               f"GLIP {Path(args.checkpoint).name}, {dataset.kind}, "
+                               f"{len(dataset)} images")
     payload = {"checkpoint": str(args.checkpoint), "dataset": spec, "images": len(dataset),
                "per_prompt": per_prompt, "max_detections": post["max_detections"],
                "metrics": {g: {k: float(v) for k, v in m.items()
@@ -80,7 +83,8 @@ def _eval_detection(args) -> None:
                                    for c, v in metrics["all"].get("AP_per_category", {}).items()},
                "results": results_path, "pr_curve": curve}
     evals_cli._write_json(args.out, payload)
-    print(f"wrote {args.out}, {results_path} (COCO results format) and {curve}")
+    kind = "COCO results format" if curve else "ranked boxes a phrase"
+    print(f"wrote {args.out}, {results_path} ({kind})" + (f" and {curve}" if curve else ""))
 
 
 # --- clipjax detect ----------------------------------------------------------------------

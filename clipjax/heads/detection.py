@@ -78,9 +78,11 @@ def eval_set(spec: str, config, num_examples: int = 0):
                                              image_size=config.data.image_size,
                                              **synthetic_options(config))
     from clipjax.data import detection
+    from clipjax.heads import glip
 
     return detection.det_eval_set(spec, image_size=config.data.image_size,
-                                  max_examples=num_examples)
+                                  max_examples=num_examples,
+                                  context_length=glip.context_length(config))
 
 
 # --- inference ------------------------------------------------------------------------------

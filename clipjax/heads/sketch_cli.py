@@ -10,7 +10,6 @@ training workdir. Images of a folder are sketched in batches of images x seeds s
 the devices; one that cannot be read is reported and the others are still drawn.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -40,7 +39,9 @@ def load_saliency(path: str, flag: str = "--saliency-checkpoint"):
     if w.model_config is None or w.model_config.vision.is_resnet:
         raise ValueError(f"{flag} {path} holds {w.description}, whose image tower is not a ViT; "
                          "the saliency map needs a ViT CLIP's attention, such as ViT-B-32.")
-    return w.model(), {"visual": w.params["visual"]}, w.description
+    # The image tower and CLIP's scalars (setup creates them); the text tower stays unread.
+    params = {k: v for k, v in w.params.items() if k == "visual" or not isinstance(v, dict)}
+    return w.model(), params, w.description
 
 
 def read_image(path: str, canvas: int) -> np.ndarray:
@@ -179,7 +180,8 @@ def _sketch(args) -> None:
         ready.append((path, photo, start, files))
     for lo in range(0, len(ready), group):
         part = ready[lo:lo + group]
-        desc = (f"sketch {lo + 1}-{lo + len(part)} of {len(ready)}" if len(ready) > 1
+        span = f"{lo + 1}-{lo + len(part)}" if len(part) > 1 else f"{lo + 1}"
+        desc = (f"sketch {span} of {len(ready)}" if len(ready) > 1
                 else f"sketch {Path(part[0][0]).name}")
         last = (s.iterations - 1) // s.eval_every * s.eval_every
         with tqdm(total=last, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True) as bar:
