@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.task = "clip"  # clip | clip4clip | actionclip (clipjax.heads; a head's configs set it)
+    c.task = "clip"  # clip | clip4clip | actionclip | lseg | groupvit | glip (clipjax.heads)
     c.model = "ViT-tiny"
     c.model_overrides = ml_collections.ConfigDict()  # any architecture field: embed_dim=64,
     # vision.width=128, text.layers=6, ... (`model_overrides.vision.width=128` on the command line)

@@ -28,9 +28,6 @@ from clipjax.models import dyhead, layers
 from clipjax.models.clip import CLIP
 from clipjax.models.fusion import CLAMP, BiAttentionBlock
 from clipjax.models.layers import CONV_OUT, EMBED
-from clipjax.models.resnet import ModifiedResNet
-from clipjax.models.text import TextTransformer
-from clipjax.models.vit import VisionTransformer
 
 STRIDES = (8, 16, 32, 64, 128)
 PRIOR = 0.01  # focal loss prior: bias0 = -log((1 - p) / p)
@@ -71,32 +68,24 @@ class GLIP(CLIP):
     gn_groups: int = 32
     anchor_scale: float = 8.0  # anchors are anchor_scale x stride wide (boxes.anchors)
 
+    # Both towers read any size their stride divides (GLIP trains at several sizes); a
+    # ResNet's BatchNorm stays in eval mode whatever self.train: frozen statistics.
+    def video_options(self) -> dict:
+        return {} if self.config.vision.is_resnet else {"any_size": True}
+
+    def resnet_options(self) -> dict:
+        return {"train": False, "any_size": True}
+
     def setup(self):
         c, v, t = self.config, self.config.vision, self.config.text
         n = len(self.strides)
         if not 1 <= n <= 5 or tuple(self.strides) != STRIDES[:n]:
             raise ValueError(f"head.strides={tuple(self.strides)}: give the first levels of "
                              f"{STRIDES}, e.g. (8, 16) or all five.")
-        # Both towers read any size their stride divides (GLIP trains at several sizes).
-        if v.is_resnet:  # BatchNorm in eval mode whatever self.train: frozen statistics
-            self.visual = ModifiedResNet(v.image_size, tuple(v.layers), v.width, v.heads,
-                                         c.embed_dim, self.dtype, train=False, any_size=True)
-        else:
-            if v.patch_size not in (8, 16, 32):
-                raise ValueError(f"GLIP's pyramid needs a ViT patch of 8, 16 or 32 pixels, not "
-                                 f"{v.patch_size}; choose a /8, /16 or /32 model.")
-            self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers,
-                                            v.heads, v.mlp_dim, c.embed_dim, c.activation,
-                                            self.dtype, self.scan, self.remat, self.unroll,
-                                            any_size=True)
-        self.text = TextTransformer(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
-                                    c.embed_dim, c.activation, self.dtype, self.scan, self.remat,
-                                    self.unroll)
-        self.logit_scale = layers.param_with_axes(
-            self, "logit_scale", nn.initializers.constant(c.init_logit_scale), (), ())
-        if c.init_logit_bias is not None:
-            self.logit_bias = layers.param_with_axes(
-                self, "logit_bias", nn.initializers.constant(c.init_logit_bias), (), ())
+        if not v.is_resnet and v.patch_size not in (8, 16, 32):
+            raise ValueError(f"GLIP's pyramid needs a ViT patch of 8, 16 or 32 pixels, not "
+                             f"{v.patch_size}; choose a /8, /16 or /32 model.")
+        super().setup()
 
         f, tower = self.fpn_channels, min(n, 3)
         if v.is_resnet:

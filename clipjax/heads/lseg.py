@@ -18,7 +18,7 @@ import numpy as np
 
 from clipjax.models import layers
 from clipjax.models.clip import CLIP, _normalize
-from clipjax.models.layers import (CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, MLP, Dtype,
+from clipjax.models.layers import (CONV_IN, CONV_OUT, CONV_SPATIAL, EMBED, MLP, Conv, Dtype,
                                    resize_aligned)
 from clipjax.models.resnet import BatchNorm
 
@@ -44,35 +44,6 @@ def default_readout_dims(width: int) -> tuple[int, ...]:
     if width >= 1024:
         return (256, 512, 1024, 1024)
     return tuple(max(8, width * k // 8) for k in (1, 2, 4, 8))
-
-
-class Conv(nn.Module):
-    """A 2D convolution with k // 2 padding (stride 1 or 2) and an optional bias."""
-
-    features: int
-    kernel_size: int = 1
-    stride: int = 1
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
-        k, c = self.kernel_size, x_BYXC.shape[-1]
-        kernel = layers.param_with_axes(
-            self, "kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-            (k, k, c, self.features), (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
-        if k == 1 and self.stride == 1:
-            y = layers.einsum("byxc,cf->byxf", x_BYXC, kernel[0, 0], self.dtype)
-        else:
-            pad = k // 2
-            y = jax.lax.conv_general_dilated(
-                x_BYXC.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
-                [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=jnp.float32).astype(self.dtype)
-        if self.use_bias:
-            y = y + layers.param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
-                                           (CONV_OUT,)).astype(y.dtype)
-        return y
 
 
 class ConvTranspose(nn.Module):

@@ -37,7 +37,7 @@ class CLIP(nn.Module):
                 raise ValueError(f"{', '.join(self.video_options())} need a ViT image tower; "
                                  "choose a ViT model or turn them off.")
             self.visual = ModifiedResNet(v.image_size, tuple(v.layers), v.width, v.heads,
-                                         c.embed_dim, self.dtype, self.train)
+                                         c.embed_dim, self.dtype, **self.resnet_options())
         else:
             self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
                                             v.mlp_dim, c.embed_dim, c.activation, self.dtype,
@@ -55,6 +55,10 @@ class CLIP(nn.Module):
     def video_options(self) -> dict:
         """VisionTransformer video fields (frames, shift, patch_3d, joint); heads override."""
         return {}
+
+    def resnet_options(self) -> dict:
+        """ModifiedResNet fields beyond the architecture (train, any_size); heads override."""
+        return {"train": self.train}
 
     def example_inputs(self, batch: int = 1) -> tuple:
         """Inputs of __call__ that touch every parameter (init, shapes, FLOP counts)."""

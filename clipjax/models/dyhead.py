@@ -12,7 +12,6 @@ and a ViT's last tokens through a ViTDet-style simple pyramid; both add P6/P7 fr
 """
 
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -30,28 +29,9 @@ DCN_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=
                                             out_axis=3)
 
 
-class Conv(nn.Module):
-    """A 2D convolution with a bias, padding k // 2, stride 1 or 2."""
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    kernel_init: Callable = KAIMING_A1
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
-        k, pad = self.kernel_size, self.kernel_size // 2
-        kernel = layers.param_with_axes(self, "kernel", self.kernel_init,
-                                        (k, k, x_BYXC.shape[-1], self.features),
-                                        (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
-        bias = layers.param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
-                                      (CONV_OUT,))
-        y = jax.lax.conv_general_dilated(
-            x_BYXC.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
-            [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            preferred_element_type=jnp.float32)
-        return (y + bias).astype(self.dtype)
+def Conv(features: int, kernel_size: int = 3, stride: int = 1, *, kernel_init=None, **kw):
+    """layers.Conv with a bias and DyHead's default init (torch's kaiming_uniform, a=1)."""
+    return layers.Conv(features, kernel_size, stride, kernel_init=kernel_init or KAIMING_A1, **kw)
 
 
 class GroupNorm(nn.Module):

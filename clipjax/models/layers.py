@@ -381,3 +381,33 @@ def resize_aligned(x_BYXC: jax.Array, size: tuple[int, int]) -> jax.Array:
     wx = jnp.asarray(_aligned_matrix(x_BYXC.shape[2], size[1]))
     out = jnp.einsum("Yy,byxc->bYxc", wy, x_BYXC.astype(jnp.float32))
     return jnp.einsum("Xx,byxc->byXc", wx, out).astype(x_BYXC.dtype)
+
+
+class Conv(nn.Module):
+    """A 2D convolution with padding k // 2 (stride 1 or 2) and an optional bias; a 1x1
+    convolution is a plain einsum."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BYXC: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x_BYXC.shape[-1]
+        kernel = param_with_axes(self, "kernel", self.kernel_init, (k, k, c, self.features),
+                                 (CONV_SPATIAL, CONV_SPATIAL, CONV_IN, CONV_OUT))
+        if k == 1 and self.stride == 1:
+            y = einsum("byxc,cf->byxf", x_BYXC, kernel[0, 0], self.dtype)
+        else:
+            pad = k // 2
+            y = jax.lax.conv_general_dilated(
+                x_BYXC.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
+                [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32).astype(self.dtype)
+        if self.use_bias:
+            y = y + param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                    (CONV_OUT,)).astype(y.dtype)
+        return y
