@@ -154,7 +154,7 @@ def _read_image(path: str) -> np.ndarray:
             image = sources.open_image(f.read())
         return np.asarray(sources.load_pixels(image).convert("RGB"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist; give image files to segment.") from None
+        raise FileNotFoundError(f"{path} does not exist; give image files.") from None
     except Exception as e:  # PIL's errors name no file
         raise ValueError(f"cannot read {path} as an image ({type(e).__name__}: {e}); give a "
                          "JPEG, PNG or other image PIL opens.") from None

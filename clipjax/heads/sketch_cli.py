@@ -138,8 +138,10 @@ def _settings(args):
                           eval_every=args.eval_every, width=args.width, layer_weights=weights,
                           fc_weight=args.fc_weight, optimise_opacity=args.opacity)
     s.check()
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: give at least one seed.")
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--canvas", args.canvas, 16),
+                               ("--batch-size", args.batch_size, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: give at least {least}.")
     return s
 
 
@@ -164,27 +166,13 @@ def _sketch(args) -> None:
     shards = sharding.batch_size(mesh)
     group = args.batch_size or shards // math.gcd(shards, args.seeds)  # rows fill the mesh
     seeds_K = [args.seed + 1000 * k for k in range(args.seeds)]  # run_object_sketching's
-    failed, ready = [], []
-    for path in paths:
-        try:
-            photo = read_image(path, canvas)
-            mask = read_mask(args.mask, canvas) if args.mask else None
-            if mask is not None:  # the object on white, as CLIPasso's --mask_object
-                photo = photo * mask[..., None] + (1.0 - mask[..., None])
-            files = outputs(path, args.out, len(paths) == 1)
-            start = clipasso.initial_points(photo, s.strokes, seeds_K, vit, vit_params, mask)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"clipjax sketch: {e} Sketching the others.", file=sys.stderr, flush=True)
-            failed.append(path)
-            continue
-        ready.append((path, photo, start, files))
-    for lo in range(0, len(ready), group):
-        part = ready[lo:lo + group]
-        span = f"{lo + 1}-{lo + len(part)}" if len(part) > 1 else f"{lo + 1}"
-        desc = (f"sketch {span} of {len(ready)}" if len(ready) > 1
-                else f"sketch {Path(part[0][0]).name}")
+    failed, ready, done = [], [], 0
+
+    def run(part) -> None:  # one batch of images x seeds over the mesh
+        span = f"{done + 1}-{done + len(part)}" if len(part) > 1 else f"{done + 1}"
         last = (s.iterations - 1) // s.eval_every * s.eval_every
-        with tqdm(total=last, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True) as bar:
+        with tqdm(total=last, desc=f"sketch {span} of {len(paths)}", unit="it",
+                  file=sys.stderr, dynamic_ncols=True) as bar:
             def progress(steps, loss):
                 bar.update(steps)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -198,6 +186,23 @@ def _sketch(args) -> None:
                               if k != "gif" or (args.gif and sketch.frames))
             print(f"# {path} -> {shown} (loss {sketch.loss:.5f}, seed {seeds_K[sketch.seed]}, "
                   f"best at iteration {sketch.best_iteration}; {name})", flush=True)
+
+    for i, path in enumerate(paths):
+        try:
+            photo = read_image(path, canvas)
+            mask = read_mask(args.mask, canvas) if args.mask else None
+            if mask is not None:  # the object on white, as CLIPasso's --mask_object
+                photo = photo * mask[..., None] + (1.0 - mask[..., None])
+            files = outputs(path, args.out, len(paths) == 1)
+            start = clipasso.initial_points(photo, s.strokes, seeds_K, vit, vit_params, mask)
+            ready.append((path, photo, start, files))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"clipjax sketch: {e} Sketching the others.", file=sys.stderr, flush=True)
+            failed.append(path)
+        if ready and (len(ready) == group or i == len(paths) - 1):
+            run(ready)
+            done += len(ready)
+            ready = []
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} images could not be sketched: "
                          f"{', '.join(failed)}.")
