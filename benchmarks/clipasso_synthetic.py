@@ -157,7 +157,7 @@ def figure_horse(path: Path, photo, runs: dict, canvas: int, width: float, iters
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 1 + 2 * len(runs), figsize=(3 * (1 + 2 * len(runs)), 3.4))
-    panels = [(photo, "skimage.data.horse()")]
+    panels = [(photo, "skimage.data.horse(), squashed to the canvas")]
     for paper, h in runs.items():
         inv = paper == "black"
         panels += [(draw(h.start_points_S42, width, canvas, 4, inv), f"initial ({paper} paper)"),
@@ -197,6 +197,7 @@ def main() -> None:
     p.add_argument("--papers", default="white,black", help="black strokes on white "
                    "(CLIPasso), white strokes on black (the tiny CLIP's dark backgrounds)")
     p.add_argument("--skip-horse", action="store_true")
+    p.add_argument("--skip-shapes", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
 
@@ -223,7 +224,7 @@ def main() -> None:
     report = {"model": w.description, "images": len(photos), "seeds": args.seeds,
               "strokes": args.strokes, "iterations": args.iterations, "papers": {}}
     runs = {}
-    for paper in papers:
+    for paper in [] if args.skip_shapes else papers:
         s = clipasso.Settings(strokes=args.strokes, iterations=args.iterations,
                               width=args.width, samples=args.samples, lr=args.lr,
                               inverted=paper == "black")
@@ -264,8 +265,9 @@ def main() -> None:
             "chamfer_end_px": float(c_end.mean()),
             "zero_shot": {k: {"top1_36": a, "top1_shape": b} for k, (a, b) in results.items()}}
     FIGURES.mkdir(exist_ok=True)
-    figure_shapes(FIGURES / "clipasso_synthetic.png", runs, labels, canvas, drawn)
-    print(f"wrote {FIGURES / 'clipasso_synthetic.png'}")
+    if runs:
+        figure_shapes(FIGURES / "clipasso_synthetic.png", runs, labels, canvas, drawn)
+        print(f"wrote {FIGURES / 'clipasso_synthetic.png'}")
 
     if not args.skip_horse:
         from PIL import Image
@@ -290,7 +292,10 @@ def main() -> None:
                   f"{(time.time() - t0) / 60:.1f} min")
             report.setdefault("horse", {})[paper] = {"loss": h.loss,
                                                      "best_iteration": h.best_iteration}
-        figure_horse(FIGURES / "clipasso_horse.png", rgb, horses, canvas, drawn, args.iterations)
+        square = np.asarray(Image.fromarray(np.uint8(rgb * 255)).resize(  # as the canvas
+            (4 * canvas, 4 * canvas), Image.BICUBIC))
+        figure_horse(FIGURES / "clipasso_horse.png", square, horses, canvas, drawn,
+                     args.iterations)
         print(f"wrote {FIGURES / 'clipasso_horse.png'}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

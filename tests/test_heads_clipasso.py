@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import clipjax
-from clipjax.heads import clipasso
+from clipjax.heads import clipasso, raster
 
 CANVAS, STROKES = 32, 4
 SETTINGS = clipasso.Settings(strokes=STROKES, iterations=11, eval_every=10)
@@ -141,37 +141,44 @@ def test_stopping_rule_fires_on_a_plateau_and_not_before():
     assert clipasso.stop_index([3.0, 4.0, 5.0, 6.0]) is None
 
 
+def _loss_numpy(fc_s, maps_s, fc_p, maps_p) -> float:
+    """CLIPConvLoss with RN101's defaults: MSE of layer2 and layer3 (weights 0,0,1,1,0) plus
+    0.1 x (1 - cos) of the embeddings, each averaged over the views."""
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    conv = sum(np.mean((f64(maps_s[k]) - f64(maps_p[k])) ** 2) for k in ("layer2", "layer3"))
+    a, b = f64(fc_s), f64(fc_p)
+    cos_V = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return conv + 0.1 * np.mean(1 - cos_V)
+
+
 def test_loss_equals_numpy_from_the_feature_maps(rn, photo, start):
     tower, params = rn
     evaluate, _ = clipasso.step_fns(tower, clipasso.untraced(SETTINGS), CANVAS)
     state = clipasso.init_state(start[0], SETTINGS)
     photos = jnp.asarray(np.repeat(photo, 3, 0))
     _, loss_R, canvas_RHW = evaluate(params["visual"], state, photos, 0, 1e-5)
-    sketch = np.repeat(np.asarray(canvas_RHW)[..., None], 3, -1)
-    feats = jax.jit(lambda x: tower.apply({"params": params["visual"]}, x, return_features=True))
-    fc_s, maps_s = feats((sketch - MEAN) / STD)
-    fc_p, maps_p = feats(np.repeat((photo - MEAN) / STD, 3, 0))
-    fc_s, fc_p = np.asarray(fc_s, np.float64), np.asarray(fc_p, np.float64)
-    for r in range(3):
-        conv = sum(np.mean((np.asarray(maps_s[k][r], np.float64) - np.asarray(maps_p[k][r])) ** 2)
-                   for k in ("layer2", "layer3"))
-        cos = fc_s[r] @ fc_p[r] / np.linalg.norm(fc_s[r]) / np.linalg.norm(fc_p[r])
-        np.testing.assert_allclose(loss_R[r], conv + 0.1 * (1 - cos), rtol=1e-4)
     assert np.asarray(canvas_RHW).min() < 0.5 < np.asarray(canvas_RHW).max()  # strokes on white
-    # The training loss: the same, averaged over the pair and its 4 joint warps.
+    # The training loss of row 0: the pair and its 4 joint warps, and those views.
     key = jax.random.key(9)
-    strokes = {"points": jnp.asarray(start[0, 0]), "opacity": jnp.ones(STROKES)}
-    loss = jax.jit(lambda st: clipasso.row_loss(tower, params["visual"], st, photos[0], key,
-                                                CANVAS, SETTINGS)[0])(strokes)
-    views = jax.jit(clipasso.views, static_argnums=(3, 4))
-    sketch_V, photo_V = views(key, jnp.asarray(sketch[0]), photos[0], CANVAS, SETTINGS)
+
+    def train_loss(strokes):
+        loss, _, sketch_HW = clipasso.row_loss(tower, params["visual"], strokes, photos[0], key,
+                                               CANVAS, SETTINGS)
+        return loss, clipasso.views(key, raster.to_rgb(sketch_HW), photos[0], CANVAS, SETTINGS)
+
+    loss, (sketch_V, photo_V) = jax.jit(train_loss)(
+        {"points": jnp.asarray(start[0, 0]), "opacity": jnp.ones(STROKES)})
+    sketch = np.repeat(np.asarray(canvas_RHW)[..., None], 3, -1)
     assert sketch_V.shape[0] == 5 and np.allclose(sketch_V[0], (sketch[0] - MEAN) / STD, atol=1e-5)
-    (fc_s, maps_s), (fc_p, maps_p) = feats(sketch_V), feats(photo_V)
-    fc_s, fc_p = np.asarray(fc_s, np.float64), np.asarray(fc_p, np.float64)
-    conv = sum(np.mean((np.asarray(maps_s[k], np.float64) - np.asarray(maps_p[k])) ** 2)
-               for k in ("layer2", "layer3"))
-    cos_V = (fc_s * fc_p).sum(1) / np.linalg.norm(fc_s, axis=1) / np.linalg.norm(fc_p, axis=1)
-    np.testing.assert_allclose(loss, conv + 0.1 * np.mean(1 - cos_V), rtol=1e-4)
+    # Every image through the tower at once: 3 sketches, 3 photos, 5 + 5 views.
+    batch = np.concatenate([(sketch - MEAN) / STD, np.repeat((photo - MEAN) / STD, 3, 0),
+                            sketch_V, photo_V])
+    fc, maps = tower.apply({"params": params["visual"]}, batch, return_features=True)
+    part = lambda lo, hi: (fc[lo:hi], {k: v[lo:hi] for k, v in maps.items()})  # noqa: E731
+    for r in range(3):
+        np.testing.assert_allclose(loss_R[r], _loss_numpy(*part(r, r + 1), *part(3 + r, 4 + r)),
+                                   rtol=1e-4)
+    np.testing.assert_allclose(loss, _loss_numpy(*part(6, 11), *part(11, 16)), rtol=1e-4)
 
 
 def test_sketching_lowers_the_loss_and_keeps_the_best_seed(one_device):

@@ -477,7 +477,8 @@ def register(sub) -> None:
     c.add_argument("--templates", help="a file with one template a line, or one template "
                    "(default: ActionCLIP's 16)")
     c.set_defaults(fn=_classify_video)
-    from clipjax.heads import detect_cli, segment_cli
+    from clipjax.heads import detect_cli, segment_cli, sketch_cli
 
     segment_cli.register(sub)
     detect_cli.register(sub)
+    sketch_cli.register(sub)
