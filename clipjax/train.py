@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -342,7 +341,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         state = create_train_state(train_model, optimizer, jax.random.key(config.seed), mesh)
         loaded: set[str] = set()
         if config.init_checkpoint:
-            state, loaded = _load_init(state, config, train_model)
+            state, loaded = weights.load_init(state, config, train_model)
         if task.name != "clip":  # a head's new modules start from CLIP's weights
             state = state.replace(params=jax.jit(
                 functools.partial(task.derive, train_model, loaded=frozenset(loaded)),
@@ -467,59 +466,6 @@ def build_evaluators(config):
     """Evaluation during training, from config.eval.zeroshot (any labelled source spec)."""
     return evals.config_evaluators(config.eval.zeroshot, num_examples=config.eval.num_examples,
                                    seed=config.seed)
-
-
-def _load_init(state: TrainState, config, model=None) -> tuple[TrainState, set[str]]:
-    """Parameters from config.init_checkpoint (optionally only paths matching a regex), in
-    the state's layout (scanned or not) and shardings, and the set of paths it gave.
-
-    A head's own modules (paths a plain CLIP of the same architecture lacks) are taken when
-    the checkpoint has them (a head's workdir) and otherwise keep their initialisation.
-    """
-    loaded = weights.load(config.init_checkpoint)
-    keep = [re.compile(p) for p in config.get("init_checkpoint_keep", ())]
-    flat = dict(zip(jax.tree.leaves(optim.param_paths(
-        fit := weights.fit_layout(loaded.params, config.scan))), jax.tree.leaves(fit)))
-    paths = optim.param_paths(state.params)
-    clip_paths = None
-    if model is not None and isinstance(model, clip.CLIP) and type(model) is not clip.CLIP:
-        plain = clip.CLIP(model.config, scan=model.scan)
-        clip_paths = set(jax.tree.leaves(optim.param_paths(clip.abstract_params(plain))))
-    wanted = [(p, x) for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(state.params))
-              if (not keep or any(k.search(p) for k in keep))
-              and (clip_paths is None or p in clip_paths or p in flat)]
-    if not wanted:
-        raise ValueError(f"init_checkpoint_keep {tuple(config.init_checkpoint_keep)} matches no "
-                         "parameter; parameter paths look like visual/proj, text/ln_final/scale.")
-    flat = _longer_text_context(flat, dict(wanted))
-    bad = [f"{p} {tuple(x.shape)}" for p, x in wanted
-           if p not in flat or flat[p].shape != x.shape]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"init_checkpoint {config.init_checkpoint} ({loaded.description}) lacks "
-                         f"{len(bad)} parameter(s) of this model or has them in other shapes: "
-                         f"{shown}; give a checkpoint of {config.model} with the same "
-                         "model_overrides, or restrict init_checkpoint_keep.")
-    take = {p for p, _ in wanted}
-
-    def pick(path, old):
-        return jax.device_put(flat[path], old.sharding) if path in take else old
-
-    return state.replace(params=jax.tree.map(pick, paths, state.params)), take
-
-
-def _longer_text_context(flat: dict, current: dict) -> dict:
-    """A checkpoint's text positions fill the first rows of a longer table (GLIP's 256-token
-    prompts from CLIP's 77); the rows past them keep their initialisation."""
-    path = "text/positional_embedding"
-    if path not in flat or path not in current:
-        return flat
-    old, new = flat[path], current[path]
-    if old.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] >= new.shape[0]:
-        return flat
-    filled = np.asarray(jax.device_get(new)).copy()
-    filled[:old.shape[0]] = np.asarray(old)
-    return {**flat, path: filled.astype(np.asarray(old).dtype)}
 
 
 def _clip_next_command(config, workdir: str) -> str:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import numpy as np
 from clipjax import convert, files
 from clipjax.checkpoint import RUN_FILE
 from clipjax.models import variants
-from clipjax.models.clip import CLIP, create_model
+from clipjax.models.clip import CLIP, abstract_params, create_model
+from clipjax.optim import param_paths
 
 CONFIG_FILE = "config.json"  # the training config, written when a run starts
 FINAL_FILE = "model.safetensors"  # written when a run finishes
@@ -343,3 +345,59 @@ def write(weights: Weights, out: str | os.PathLike, to: str = "clipjax") -> list
     files.atomic_write(config, lambda tmp: Path(tmp).write_text(
         json.dumps(_hf_config(weights.model_config), indent=2)))
     return [out / "model.safetensors", config]
+
+
+# --- init_checkpoint: a run started from other weights -----------------------------------
+
+
+def load_init(state, config, model=None) -> tuple[Any, set[str]]:
+    """Parameters from config.init_checkpoint (optionally only paths matching a regex), in
+    the state's layout (scanned or not) and shardings, and the set of paths it gave.
+
+    A head's own modules (paths a plain CLIP of the same architecture lacks) are taken when
+    the checkpoint has them (a head's workdir) and otherwise keep their initialisation.
+    """
+    loaded = load(config.init_checkpoint)
+    keep = [re.compile(p) for p in config.get("init_checkpoint_keep", ())]
+    flat = dict(zip(jax.tree.leaves(param_paths(
+        fit := fit_layout(loaded.params, config.scan))), jax.tree.leaves(fit)))
+    paths = param_paths(state.params)
+    clip_paths = None
+    if model is not None and isinstance(model, CLIP) and type(model) is not CLIP:
+        plain = CLIP(model.config, scan=model.scan)
+        clip_paths = set(jax.tree.leaves(param_paths(abstract_params(plain))))
+    wanted = [(p, x) for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(state.params))
+              if (not keep or any(k.search(p) for k in keep))
+              and (clip_paths is None or p in clip_paths or p in flat)]
+    if not wanted:
+        raise ValueError(f"init_checkpoint_keep {tuple(config.init_checkpoint_keep)} matches no "
+                         "parameter; parameter paths look like visual/proj, text/ln_final/scale.")
+    flat = _longer_text_context(flat, dict(wanted))
+    bad = [f"{p} {tuple(x.shape)}" for p, x in wanted
+           if p not in flat or flat[p].shape != x.shape]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"init_checkpoint {config.init_checkpoint} ({loaded.description}) lacks "
+                         f"{len(bad)} parameter(s) of this model or has them in other shapes: "
+                         f"{shown}; give a checkpoint of {config.model} with the same "
+                         "model_overrides, or restrict init_checkpoint_keep.")
+    take = {p for p, _ in wanted}
+
+    def pick(path, old):
+        return jax.device_put(flat[path], old.sharding) if path in take else old
+
+    return state.replace(params=jax.tree.map(pick, paths, state.params)), take
+
+
+def _longer_text_context(flat: dict, current: dict) -> dict:
+    """A checkpoint's text positions fill the first rows of a longer table (GLIP's 256-token
+    prompts from CLIP's 77); the rows past them keep their initialisation."""
+    path = "text/positional_embedding"
+    if path not in flat or path not in current:
+        return flat
+    old, new = flat[path], current[path]
+    if old.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] >= new.shape[0]:
+        return flat
+    filled = np.asarray(jax.device_get(new)).copy()
+    filled[:old.shape[0]] = np.asarray(old)
+    return {**flat, path: filled.astype(np.asarray(old).dtype)}

@@ -418,17 +418,17 @@ def test_resnet_any_size_maps_and_longer_text_positions():
     fixed = resnet.ModifiedResNet(rn.image_size, tuple(rn.layers), rn.width, rn.heads, 32)
     with pytest.raises(ValueError, match="takes 64x64"):
         fixed.init(jax.random.key(0), x)
-    # A CLIP checkpoint's shorter text positions fill the first rows (train._load_init).
-    from clipjax import train
+    # A CLIP checkpoint's shorter text positions fill the first rows (weights.load_init).
+    from clipjax import weights
 
     table = np.arange(12, dtype=np.float32).reshape(6, 2)
     flat = {"text/positional_embedding": -np.ones((4, 2), np.float32), "other": 1}
-    out = train._longer_text_context(flat, {"text/positional_embedding": table})
+    out = weights._longer_text_context(flat, {"text/positional_embedding": table})
     np.testing.assert_array_equal(out["text/positional_embedding"],
                                   np.concatenate([-np.ones((4, 2)), table[4:]]))
     assert out["other"] == 1
     same = {"text/positional_embedding": table}
-    assert train._longer_text_context(same, same) is same
+    assert weights._longer_text_context(same, same) is same
 
 # --- the train step ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clipjax import losses, optim, sharding, train
+from clipjax import losses, optim, sharding, train, weights
 from clipjax.heads import actionclip, clip4clip, get_task, video
 from clipjax.models import layers
 
@@ -272,7 +272,7 @@ def test_init_checkpoint_loads_clip_into_the_towers_and_the_copies_follow(tmp_pa
     opt = optim.create_optimizer(dict(lr=1e-3, warmup_steps=0, total_steps=10),
                                  train.clip.abstract_params(model))
     state = train.create_train_state(model, opt, jax.random.key(0), mesh)
-    state, loaded = train._load_init(state, cfg, model)
+    state, loaded = weights.load_init(state, cfg, model)
     assert loaded == set(jax.tree.leaves(optim.param_paths(clip_params)))  # no head module
     params = jax.tree.map(np.asarray, task.derive(model, state.params, frozenset(loaded)))
     jax.tree.map(np.testing.assert_array_equal, params["visual"], clip_params["visual"])

@@ -198,7 +198,7 @@ def _init_into(overrides: list[str], init: str | None = None, keep: str | None =
     if init is None:
         return state.params
     extra = [f"init_checkpoint={init}"] + ([f"init_checkpoint_keep=('{keep}',)"] if keep else [])
-    return train._load_init(state, config_lib.load_config("default", overrides + extra))[0].params
+    return weights.load_init(state, config_lib.load_config("default", overrides + extra))[0].params
 
 
 def test_init_checkpoint_loads_every_kind_into_a_scanned_model(run, tmp_path):
